@@ -1,0 +1,112 @@
+"""Keras-exact ResNet v1 (50/101/152) in Flax linen.
+
+Every submodule is named exactly after the Keras layer it mirrors (`conv1_conv`, `conv2_block1_0_conv`, ...,
+`predictions`), so converting Keras weights is a rename plus checks, and a reader finds any tensor in both
+worlds. Padding is explicit, as Keras' ZeroPadding2D layers do it: Flax 'SAME' differs for the strided stem.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# Blocks per stage (conv2..conv5) and bottleneck widths, as in keras.applications.
+STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+STAGE_FILTERS = (64, 128, 256, 512)
+# BN epsilon of the two weight origins: current keras-applications files, and the old v0.2 ResNet50 file.
+KERAS_BN_EPSILON = 1.001e-5
+LEGACY_BN_EPSILON = 1e-3
+BN_MOMENTUM = 0.99
+
+
+class ResNet(nn.Module):
+    """ResNet v1 with Keras layer names.
+
+    Attributes:
+      depth: 50, 101 or 152.
+      include_top: end with global average pooling and the `predictions` Dense layer (logits, no softmax);
+        otherwise return the (N, H/32, W/32, 2048) feature map.
+      num_classes: width of `predictions`.
+      bn_epsilon: 1.001e-5 for keras-applications weights, 1e-3 for the old v0.2 ResNet50 file.
+      pool1_pad: zero padding before the stem max pool; 1 in keras-applications, 0 in the v0.2 model.
+      axis_name: pmap axis over which training-mode BatchNorm computes its statistics (global batch).
+      dtype: compute dtype; parameters and BN statistics stay float32, outputs are float32.
+    """
+
+    depth: int = 50
+    include_top: bool = False
+    num_classes: int = 1000
+    bn_epsilon: float = KERAS_BN_EPSILON
+    pool1_pad: int = 1
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    def _conv(self, features: int, kernel: int, stride: int, pad: int, name: str) -> nn.Conv:
+        return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                       use_bias=True, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+
+    def _bn(self, train: bool, name: str) -> nn.BatchNorm:
+        return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=self.bn_epsilon,
+                            axis_name=self.axis_name if train else None, use_fast_variance=False,
+                            dtype=self.dtype, param_dtype=jnp.float32, name=name)
+
+    def _block(self, x: jnp.ndarray, filters: int, stride: int, shortcut_conv: bool, name: str,
+               train: bool) -> jnp.ndarray:
+        """One bottleneck block; the stride sits on the first 1x1 conv (v1, not v1.5)."""
+        if shortcut_conv:
+            shortcut = self._conv(4 * filters, 1, stride, 0, f"{name}_0_conv")(x)
+            shortcut = self._bn(train, f"{name}_0_bn")(shortcut)
+        else:
+            shortcut = x
+        y = nn.relu(self._bn(train, f"{name}_1_bn")(self._conv(filters, 1, stride, 0, f"{name}_1_conv")(x)))
+        y = nn.relu(self._bn(train, f"{name}_2_bn")(self._conv(filters, 3, 1, 1, f"{name}_2_conv")(y)))
+        y = self._bn(train, f"{name}_3_bn")(self._conv(4 * filters, 1, 1, 0, f"{name}_3_conv")(y))
+        out = nn.relu(shortcut + y)
+        self.sow("intermediates", f"{name}_out", out)
+        return out
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """Map Keras-preprocessed images (N, H, W, 3) to features or logits.
+
+        `train=True` runs BatchNorm on batch statistics and updates `batch_stats` (make it mutable).
+        Block outputs are sown into the `intermediates` collection under their Keras names.
+        """
+        if self.depth not in STAGE_BLOCKS:
+            raise ValueError(f"depth must be one of {sorted(STAGE_BLOCKS)}, got {self.depth}")
+        x = jnp.asarray(x, self.dtype)
+        x = nn.relu(self._bn(train, "conv1_bn")(self._conv(64, 7, 2, 3, "conv1_conv")(x)))
+        self.sow("intermediates", "conv1_relu", x)
+        p = self.pool1_pad
+        x = nn.max_pool(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))), (3, 3), strides=(2, 2), padding="VALID")
+        self.sow("intermediates", "pool1_pool", x)
+        for stage, (blocks, filters) in enumerate(zip(STAGE_BLOCKS[self.depth], STAGE_FILTERS), start=2):
+            for block in range(1, blocks + 1):
+                stride = 2 if block == 1 and stage > 2 else 1
+                x = self._block(x, filters, stride, block == 1, f"conv{stage}_block{block}", train)
+        if not self.include_top:
+            return x.astype(jnp.float32)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="predictions")(x)
+        return x.astype(jnp.float32)
+
+
+def ResNet50(**kwargs: Any) -> ResNet:
+    """ResNet50 with Keras layer names; see `ResNet` for the options."""
+    return ResNet(depth=50, **kwargs)
+
+
+def ResNet101(**kwargs: Any) -> ResNet:
+    """ResNet101 with Keras layer names; see `ResNet` for the options."""
+    return ResNet(depth=101, **kwargs)
+
+
+def ResNet152(**kwargs: Any) -> ResNet:
+    """ResNet152 with Keras layer names; see `ResNet` for the options."""
+    return ResNet(depth=152, **kwargs)
