@@ -110,3 +110,7 @@ def ResNet101(**kwargs: Any) -> ResNet:
 def ResNet152(**kwargs: Any) -> ResNet:
     """ResNet152 with Keras layer names; see `ResNet` for the options."""
     return ResNet(depth=152, **kwargs)
+
+
+# Model kinds a weights file can name in its metadata (see weights_file.build_model).
+MODEL_KINDS: dict[str, type[nn.Module]] = {"resnet": ResNet}

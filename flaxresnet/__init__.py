@@ -1,0 +1,9 @@
+"""flaxresnet: Keras-exact ResNet50/101/152 in JAX/Flax, Keras weight conversion and fast fine-tuning."""
+
+from flaxresnet.errors import UserError
+from flaxresnet.models import ResNet, ResNet50, ResNet101, ResNet152
+from flaxresnet.preprocess import preprocess_input, upsample
+from flaxresnet.weights_file import load_converted
+
+__all__ = ["ResNet", "ResNet50", "ResNet101", "ResNet152", "UserError", "load_converted", "preprocess_input",
+           "upsample"]
