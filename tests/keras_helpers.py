@@ -1,33 +1,56 @@
-"""Keras reference models for the tests: random weights with randomized BatchNorm state.
+"""Keras reference models for the tests: random weights with realistic, randomized BatchNorm state.
 
 With Keras' default BN state (gamma 1, beta 0, mean 0, variance 1) a port that mixes up BN parameters still
-passes; randomizing all four makes the parity tests sensitive to every BN mistake.
+passes, and random conv weights without matching statistics blow activations up to hundreds, where float32
+rounding alone exceeds the parity tolerances. So the BN statistics are first calibrated on a batch (as a
+trained network's are), then every one of gamma, beta, moving mean and variance is perturbed at random.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from flaxresnet.preprocess import preprocess_input
 
-def randomize_batchnorm(model, seed: int = 0) -> None:
-    """Give every BatchNormalization layer of `model` random gamma, beta, moving mean and variance."""
+
+def randomize_batchnorm(model, seed: int = 0, size: int | None = None) -> None:
+    """Give every BatchNormalization of `model` random gamma/beta, calibrated-then-perturbed statistics.
+
+    The last BN of each residual branch (`*_3_bn`, `*_branch2c`) gets a small gamma, as in trained ResNets, so activations
+    stay O(1)-O(10) through all blocks instead of growing with depth.
+    """
     import keras
 
     rng = np.random.default_rng(seed)
+    bns = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        n = bn.gamma.shape[0]
+        low, high = (0.1, 0.4) if bn.name.endswith(("_3_bn", "_branch2c")) else (0.5, 1.5)
+        bn.gamma.assign(rng.uniform(low, high, n).astype("float32"))
+        bn.beta.assign(rng.normal(0.0, 0.2, n).astype("float32"))
+        bn.momentum = 0.0
+    size = size or model.input_shape[1]
+    model(np.asarray(preprocess_input(random_images(8, size, seed + 1))), training=True)
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+        n = bn.moving_mean.shape[0]
+        std = np.sqrt(np.asarray(bn.moving_variance))
+        bn.moving_mean.assign((np.asarray(bn.moving_mean) + rng.normal(0.0, 0.1, n) * std).astype("float32"))
+        bn.moving_variance.assign((std**2 * rng.uniform(0.8, 1.2, n)).astype("float32"))
+
+
+def _all_layers(model) -> list:
+    """Layers of `model`, descending into nested models (a ResNet inside a Sequential)."""
+    out = []
     for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.gamma.shape[0]
-            layer.set_weights([
-                rng.uniform(0.5, 1.5, n).astype("float32"),
-                rng.normal(0.0, 0.2, n).astype("float32"),
-                rng.normal(0.0, 0.2, n).astype("float32"),
-                rng.uniform(0.5, 1.5, n).astype("float32"),
-            ])
+        out.extend(_all_layers(layer) if hasattr(layer, "layers") else [layer])
+    return out
 
 
 def keras_resnet(depth: int = 50, include_top: bool = False, size: int = 64, classes: int = 1000,
                  seed: int = 0):
-    """A keras.applications ResNet{depth} with random weights (seeded) and randomized BN."""
+    """A keras.applications ResNet{depth} with seeded random weights and randomized, calibrated BN."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -41,3 +64,85 @@ def keras_resnet(depth: int = 50, include_top: bool = False, size: int = 64, cla
 def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     """uint8-valued RGB images as float32, (n, size, size, 3)."""
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3)).astype("float32")
+
+
+KERAS_WEIGHT_NAMES = {
+    "Conv2D": ("kernel", "bias"),
+    "Dense": ("kernel", "bias"),
+    "BatchNormalization": ("gamma", "beta", "moving_mean", "moving_variance"),
+}
+
+
+def layer_weights(model) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """{layer name: [(weight name, array), ...]} for every weighted layer of `model`, in `model.layers` order."""
+    return {layer.name: list(zip(KERAS_WEIGHT_NAMES[type(layer).__name__], layer.get_weights()))
+            for layer in _all_layers(model) if layer.get_weights()}
+
+
+def write_legacy_h5(path, layers: dict[str, list[tuple[str, np.ndarray]]], *, keras2: bool = True,
+                    split_layer_names: int = 1, full_model: bool = False,
+                    weightless: tuple[str, ...] = ("input_1", "conv1_pad")) -> None:
+    """Write a legacy Keras weights file the way Keras 2 (`keras2`: `:0` suffixes, bytes attrs) or Keras 3 did.
+
+    `split_layer_names` > 1 splits the `layer_names` attribute into `layer_names0..N` chunks, as Keras does for
+    large models; `weightless` layers are listed with empty `weight_names`, as real files list them;
+    `full_model` nests everything under `model_weights/` like `model.save('x.h5')`.
+    """
+    import h5py
+
+    def strings(values: list[str]) -> np.ndarray:
+        return np.array([v.encode("utf8") for v in values]) if keras2 else np.array(values, dtype=object)
+
+    with h5py.File(path, "w") as f:
+        root = f.create_group("model_weights") if full_model else f
+        names = list(weightless) + list(layers)
+        for i, chunk in enumerate(np.array_split(np.arange(len(names)), split_layer_names)):
+            key = "layer_names" if split_layer_names == 1 else f"layer_names{i}"
+            root.attrs[key] = strings([names[j] for j in chunk])
+        root.attrs["backend"] = "tensorflow" if keras2 else "jax"
+        root.attrs["keras_version"] = "2.2.4" if keras2 else "3.15.1"
+        for name in weightless:
+            root.create_group(name).attrs["weight_names"] = np.array([], dtype="float64")
+        for name, weights in layers.items():
+            group = root.create_group(name)
+            full = [f"{name}/{w}{':0' if keras2 else ''}" for w, _ in weights]
+            group.attrs["weight_names"] = strings(full)
+            for key, (_, array) in zip(full, weights):
+                group.create_dataset(key, data=array)
+
+
+def keras_resnet50_v02(include_top: bool = True, size: int = 64, classes: int = 1000, seed: int = 0):
+    """ResNet50 with the old keras_applications `resnet50.py` names and BN epsilon 1e-3 (the v0.2 weights).
+
+    Follows keras-team/keras-applications `resnet50.py` at its last version (1.0.8): `conv1_pad`, `conv1`,
+    `bn_conv1`, `pool1_pad`, `res{stage}{block}_branch2a/2b/2c/1`, `bn...`, global average pool, `fc1000`.
+    """
+    import keras
+    from keras import layers
+
+    def block(x, filters, stage, letter, strides, shortcut_conv):
+        conv, bn = f"res{stage}{letter}_branch", f"bn{stage}{letter}_branch"
+        f1, f2, f3 = filters
+        y = layers.Conv2D(f1, 1, strides=strides, name=conv + "2a")(x)
+        y = layers.Activation("relu")(layers.BatchNormalization(name=bn + "2a")(y))
+        y = layers.Conv2D(f2, 3, padding="same", name=conv + "2b")(y)
+        y = layers.Activation("relu")(layers.BatchNormalization(name=bn + "2b")(y))
+        y = layers.BatchNormalization(name=bn + "2c")(layers.Conv2D(f3, 1, name=conv + "2c")(y))
+        if shortcut_conv:
+            x = layers.BatchNormalization(name=bn + "1")(layers.Conv2D(f3, 1, strides=strides, name=conv + "1")(x))
+        return layers.Activation("relu")(layers.add([y, x]))
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, 3))
+    x = layers.ZeroPadding2D(3, name="conv1_pad")(inputs)
+    x = layers.Conv2D(64, 7, strides=2, padding="valid", name="conv1")(x)
+    x = layers.Activation("relu")(layers.BatchNormalization(name="bn_conv1")(x))
+    x = layers.MaxPooling2D(3, strides=2)(layers.ZeroPadding2D(1, name="pool1_pad")(x))
+    for stage, blocks, width in ((2, 3, 64), (3, 4, 128), (4, 6, 256), (5, 3, 512)):
+        for i in range(blocks):
+            x = block(x, (width, width, 4 * width), stage, "abcdef"[i], 1 if stage == 2 or i else 2, i == 0)
+    if include_top:
+        x = layers.Dense(classes, activation="softmax", name="fc1000")(layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, x, name="resnet50")
+    randomize_batchnorm(model, seed)
+    return model

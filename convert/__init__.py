@@ -1,0 +1,1 @@
+"""Weight conversion between Keras ResNet files and flaxresnet files (`python -m convert ...`)."""

@@ -1,0 +1,49 @@
+"""CLI: `python -m convert keras_to_flax --weights SRC --out converted.msgpack`.
+
+Parses arguments, calls the library, prints a one-line summary. Foreseeable mistakes print one line on stderr
+and exit with status 2; no output file is written (or changed) then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flaxresnet.errors import UserError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    k2f = sub.add_parser("keras_to_flax", help="convert a Keras ResNet50/101/152 weights file to flaxresnet")
+    k2f.add_argument("--weights", default="imagenet",
+                     help="'imagenet' (download the official file, cached in ~/.keras/models) or a path to a "
+                          "Keras .h5 / .weights.h5 / .keras file (default: imagenet)")
+    k2f.add_argument("--out", default="converted.msgpack", help="output file (default: converted.msgpack)")
+    k2f.add_argument("--depth", type=int, choices=(50, 101, 152), default=50,
+                     help="with --weights imagenet: which official file (default: 50); a file's own depth is "
+                          "detected")
+    k2f.add_argument("--include-top", action="store_true",
+                     help="with --weights imagenet: the file with the 1000-class classifier")
+    k2f.add_argument("--pool1-pad", type=int, choices=(0, 1), default=1,
+                     help="zero padding before the stem max pool: 1 (Keras >= 2.2.4, default) or 0 for models "
+                          "built with older keras_applications resnet50.py")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "keras_to_flax":
+            from convert.keras_to_flax import keras_to_flax
+
+            print(keras_to_flax(args.weights, args.out, depth=args.depth, include_top=args.include_top,
+                                pool1_pad=args.pool1_pad))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
