@@ -1,0 +1,99 @@
+"""Test data builders: mock tfds datasets, small real ArrayRecord datasets and image folders, all offline.
+
+`mock_tfds` is how a test gets mock CIFAR-100: plain `tfds.testing.mock_data()` finds no metadata files (the
+tfds wheel does not ship them), so it knows no split names and `is_prepared()` is False, which flaxresnet
+rightly reports as an unprepared dataset. `mock_tfds` writes the metadata (splits, ArrayRecord format) first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+
+@contextlib.contextmanager
+def mock_tfds(data_dir: Path, name: str = "cifar100", num_examples: int = 16,
+              splits: dict[str, int] | None = None) -> Iterator[None]:
+    """Within the block, every split of tfds dataset `name` yields `num_examples` random examples.
+
+    `splits` ({name: size}, default CIFAR's train 50000 / test 10000) only sets the metadata; the mock ignores
+    the sizes. Any `data_dir` the code under test passes is replaced by this one.
+    """
+    write_tfds_metadata(data_dir, name, splits or {"train": 50_000, "test": 10_000})
+    with tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_FILES,
+                                data_dir=str(data_dir)):
+        yield
+
+
+def write_tfds_metadata(data_dir: Path, name: str, splits: dict[str, int],
+                        file_format: str = "array_record") -> None:
+    """Write the metadata files of registered tfds dataset `name` (no data): tfds then deems it prepared."""
+    builder = tfds.builder(name, data_dir=data_dir, file_format=file_format)
+    builder.info.set_splits(tfds.core.SplitDict(
+        [tfds.core.SplitInfo(name=s, shard_lengths=[n], num_bytes=0) for s, n in splits.items()]))
+    builder.data_path.mkdir(parents=True, exist_ok=True)
+    builder.info.write_to_directory(builder.data_path)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """`image` (H, W[, C]) uint8 encoded as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def prepare_tfds_images(data_dir: Path, splits: dict[str, int], num_classes: int = 3,
+                        sizes: tuple[tuple[int, int], ...] = ((12, 12),), channels: int = 3,
+                        label_key: str = "label", class_label: bool = True, seed: int = 0) -> str:
+    """Prepare a real image classification dataset in tfds' ArrayRecord format (no TensorFlow needed).
+
+    Example i of a split has label i % num_classes and size sizes[i % len(sizes)]; its top-left pixel holds
+    its index (i % 256) so tests can check the read order. A single size is declared as the feature's fixed
+    shape, several as varying (None, None). Returns the dataset name to pass to `tfds.builder`.
+    """
+    fixed = len(sizes) == 1
+    shape = (*sizes[0], channels) if fixed else (None, None, channels)
+    label = tfds.features.ClassLabel(num_classes=num_classes) if class_label else tfds.features.Scalar(np.int64)
+
+    class TestImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        """Random images; registered nowhere, so tfds reads it back from its files like any prepared one."""
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                {"image": tfds.features.Image(shape=shape), label_key: label}))
+
+        def _split_generators(self, dl_manager):
+            return {name: self._generate_examples(n, k) for k, (name, n) in enumerate(splits.items())}
+
+        def _generate_examples(self, n, split_seed):
+            rng = np.random.default_rng((seed, split_seed))
+            for i in range(n):
+                image = rng.integers(0, 256, (*sizes[i % len(sizes)], channels), dtype=np.uint8)
+                image[0, 0] = i % 256
+                yield i, {"image": png_bytes(image.squeeze(-1) if channels == 1 else image),
+                          label_key: i % num_classes}
+
+    TestImages(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    return "test_images"
+
+
+def write_image_folder(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
+    """Write `counts[class]` images of random sizes and modes per class sub-folder, as PNG and JPEG."""
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            height, width = rng.integers(10, 80, 2)
+            image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+            if i % 3 == 2:
+                image = image.convert("L")
+            image.save(root / name / (f"{i}.png" if i % 2 else f"{i}.JPG"))
+    return root
