@@ -1,4 +1,5 @@
-"""CLI: `python -m convert keras_to_flax --weights SRC --out converted.msgpack`.
+"""CLI: `python -m convert keras_to_flax --weights SRC --out converted.msgpack`, and back:
+`python -m convert flax_to_keras IN.msgpack --out OUT` (.h5 weights for a backbone, .keras for a classifier).
 
 Parses arguments, calls the library, prints a one-line summary. Foreseeable mistakes print one line on stderr
 and exit with status 2; no output file is written (or changed) then.
@@ -28,6 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     k2f.add_argument("--pool1-pad", type=int, choices=(0, 1), default=1,
                      help="zero padding before the stem max pool: 1 (Keras >= 2.2.4, default) or 0 for models "
                           "built with older keras_applications resnet50.py")
+    f2k = sub.add_parser("flax_to_keras", help="export a flaxresnet file to Keras: a backbone to legacy .h5 "
+                                               "weights, a fine-tuned classifier to a .keras model")
+    f2k.add_argument("weights", metavar="IN", help="a flaxresnet weights file (converted or fine-tuned)")
+    f2k.add_argument("--out", help="output file: .h5 for a backbone (keras.applications.ResNet50(weights=OUT)), "
+                                   ".keras for a classifier (keras.models.load_model); default: IN with that "
+                                   "suffix")
     return parser.parse_args(argv)
 
 
@@ -39,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(keras_to_flax(args.weights, args.out, depth=args.depth, include_top=args.include_top,
                                 pool1_pad=args.pool1_pad))
+        elif args.command == "flax_to_keras":
+            from convert.flax_to_keras import flax_to_keras
+
+            print(flax_to_keras(args.weights, args.out))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,12 @@ import numpy as np
 from flaxresnet.errors import UserError
 from flaxresnet.models import KERAS_BN_EPSILON, LEGACY_BN_EPSILON, STAGE_BLOCKS
 
+# Each Keras layer kind's weights, in Keras order: (Keras weight name, Flax collection, Flax leaf). Shared by
+# `fill` (Keras -> Flax) and `keras_weights` (Flax -> Keras), so the mapping is written down once.
+KERNEL_BIAS = (("kernel", "params", "kernel"), ("bias", "params", "bias"))  # Conv2D and Dense
+BATCH_NORM = (("gamma", "params", "scale"), ("beta", "params", "bias"), ("moving_mean", "batch_stats", "mean"),
+              ("moving_variance", "batch_stats", "var"))
+
 _BRANCH_SUFFIX = {"2a": "1", "2b": "2", "2c": "3", "1": "0"}
 _V02_BLOCK = re.compile(r"^(res|bn)([2-5])([a-z])_branch(2a|2b|2c|1)$")
 _V02_FIXED = {"conv1": "conv1_conv", "bn_conv1": "conv1_bn", "fc1000": "predictions"}
@@ -136,14 +142,11 @@ def fill(expected: dict[str, Any], layers: dict[str, list[np.ndarray]]) -> dict[
     problems += [f"unexpected layer {name}" for name in layers if name not in params]
     for name in (n for n in params if n in layers):
         arrays = layers[name]
-        if name in stats:  # BatchNorm: gamma, beta, moving_mean, moving_variance
-            targets = [("params", "scale"), ("params", "bias"), ("batch_stats", "mean"), ("batch_stats", "var")]
-        else:  # Conv2D / Dense: kernel, bias
-            targets = [("params", "kernel"), ("params", "bias")]
+        targets = BATCH_NORM if name in stats else KERNEL_BIAS
         if len(arrays) != len(targets):
             problems.append(f"{name}: {len(arrays)} weights, expected {len(targets)}")
             continue
-        for (collection, leaf), array in zip(targets, arrays):
+        for (_, collection, leaf), array in zip(targets, arrays):
             want = (params if collection == "params" else stats)[name][leaf].shape
             if array.shape != want:
                 problems.append(f"{name}/{leaf}: shape {array.shape}, expected {want}")
@@ -152,3 +155,29 @@ def fill(expected: dict[str, Any], layers: dict[str, list[np.ndarray]]) -> dict[
         raise UserError(f"{len(problems)} weight problem(s): {'; '.join(problems[:5])}"
                         f"{'; ...' if len(problems) > 5 else ''}")
     return out
+
+
+def keras_weights(variables: dict[str, Any]) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
+    """The inverse of `fill`: (keras-applications layer name, [(Keras weight name, array), ...]) per layer.
+
+    Layers come in keras.applications `model.layers` order, the order by which Keras' legacy `.h5` loader
+    matches a file's layers to a model's. UserError if the variables are not exactly a ResNet's layers.
+    """
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    counts = Counter({"Conv2D": sum(name.endswith("_conv") for name in params),
+                      "Dense": int("predictions" in params)})
+    order = [name for _, name in keras_layer_order(counts)]
+    missing, unexpected = sorted(set(order) - set(params)), sorted(set(params) - set(order))
+    if missing or unexpected or not order:
+        problems = [f"missing layer {n}" for n in missing] + [f"unexpected layer {n}" for n in unexpected]
+        raise UserError(f"the variables are not those of a ResNet50/101/152: "
+                        f"{'; '.join(problems[:5]) or 'no layers'}{'; ...' if len(problems) > 5 else ''}")
+    return [(name, layer_arrays(variables, name)) for name in order]
+
+
+def layer_arrays(variables: dict[str, Any], name: str) -> list[tuple[str, np.ndarray]]:
+    """[(Keras weight name, array), ...] of the Conv2D, Dense or BatchNormalization layer `name` of a Flax tree."""
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    targets = BATCH_NORM if name in stats else KERNEL_BIAS
+    return [(keras_name, np.asarray((params if collection == "params" else stats)[name][leaf]))
+            for keras_name, collection, leaf in targets]
