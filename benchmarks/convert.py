@@ -49,13 +49,13 @@ def wall(code: str) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", help="a Keras ResNet50 weights file (default: make a random one)")
     parser.add_argument("--include-top", action="store_true", help="with the default file: include the top")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/convert.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(args.weights) if args.weights else Path(tmp) / "resnet50.h5"
         if not args.weights:

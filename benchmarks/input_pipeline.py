@@ -9,9 +9,8 @@ import argparse
 import time
 
 import jax
-import numpy as np
 
-from benchmarks.common import report
+from benchmarks.common import report, synthetic_split
 from flaxresnet import data
 
 
@@ -29,16 +28,14 @@ def measure(split: data.Split, batch_size: int, to_device: bool) -> float:
     return n / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=50_000, help="synthetic training examples (CIFAR: 50k)")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (CIFAR: 32)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--out", default="benchmarks/results/input_pipeline.json")
-    args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    split = data.Split(rng.integers(0, 256, (args.examples, args.size, args.size, 3), dtype=np.uint8),
-                       rng.integers(0, 100, args.examples, dtype=np.int32))
+    args = parser.parse_args(argv)
+    split = synthetic_split(args.examples, args.size)
     rows = [{"batch": b, "stage": stage, "img_per_s": measure(split, b, stage != "host batches")}
             for b in args.batch_sizes for stage in ("host batches", "batches on devices")]
     report("input pipeline (no model)", rows, args.out, devices=jax.local_device_count(), target_img_per_s=50_000)

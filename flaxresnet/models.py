@@ -7,10 +7,13 @@ worlds. Padding is explicit, as Keras' ZeroPadding2D layers do it: Flax 'SAME' d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from flaxresnet.preprocess import preprocess_input, upsample
 
 # Blocks per stage (conv2..conv5) and bottleneck widths, as in keras.applications.
 STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {
@@ -114,3 +117,121 @@ def ResNet152(**kwargs: Any) -> ResNet:
 
 # Model kinds a weights file can name in its metadata (see weights_file.build_model).
 MODEL_KINDS: dict[str, type[nn.Module]] = {"resnet": ResNet}
+
+
+# Keras BatchNormalization defaults, which the seed head's BN layer used (not the backbone's 1.001e-5).
+HEAD_BN_EPSILON = 1e-3
+HEADS = ("seed", "linear")
+
+
+class Head(nn.Module):
+    """Classifier head on a backbone feature map, named after the seed's Keras Sequential layers.
+
+    'seed': GlobalAveragePooling2D -> `dense` (hidden, relu) -> `dropout` -> `batch_normalization`
+    (Keras defaults: epsilon 1e-3, momentum 0.99) -> `dense_1` (num_classes logits; Keras had softmax here).
+    'linear': GlobalAveragePooling2D -> `dense` (num_classes logits).
+    Dense kernels start glorot-uniform with zero biases, as Keras initialises them.
+    """
+
+    num_classes: int
+    kind: str = "seed"
+    hidden: int = 256
+    dropout: float = 0.25
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    def _dense(self, features: int, name: str) -> nn.Dense:
+        return nn.Dense(features, kernel_init=nn.initializers.glorot_uniform(), dtype=self.dtype,
+                        param_dtype=jnp.float32, name=name)
+
+    @nn.compact
+    def __call__(self, features: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """(N, H, W, C) features -> (N, num_classes) float32 logits; `train` enables dropout and batch BN."""
+        x = jnp.mean(features, axis=(1, 2))
+        if self.kind == "linear":
+            return self._dense(self.num_classes, "dense")(x).astype(jnp.float32)
+        if self.kind != "seed":
+            raise ValueError(f"head must be one of {HEADS}, got {self.kind!r}")
+        x = nn.relu(self._dense(self.hidden, "dense")(x))
+        x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=HEAD_BN_EPSILON,
+                         axis_name=self.axis_name if train else None, use_fast_variance=False,
+                         dtype=self.dtype, param_dtype=jnp.float32, name="batch_normalization")(x)
+        return self._dense(self.num_classes, "dense_1")(x).astype(jnp.float32)
+
+
+class Classifier(nn.Module):
+    """Raw RGB images in, logits out: caffe preprocessing, optional augmentation, upsampling, backbone, head.
+
+    Preprocessing and upsampling live in the model so that they run on device inside the jitted step, and a
+    saved classifier predicts from raw images of their native size (e.g. 32 px CIFAR). Submodules `backbone`
+    (a no-top `ResNet`, whose variables are exactly a converter tree) and `head` (`Head`). Every attribute
+    but `axis_name` is JSON-able, so `metadata()` rebuilds the model through `weights_file.build_model`.
+
+    Attributes:
+      num_classes: number of logits.
+      depth, bn_epsilon, pool1_pad: the backbone's, as in `ResNet` (take them from the converted file).
+      head, hidden, dropout: the head's kind ('seed' or 'linear'), hidden width and dropout rate.
+      image_size: side the images are upsampled to before the backbone; None keeps the input size.
+      upsample: 'nearest' (Keras UpSampling2D, integer factor) or 'bilinear'.
+      backbone_bn_train: whether the backbone's BatchNorm uses batch statistics (and updates its moving
+        statistics) when `train=True`; False for feature extraction (the `backbone` freeze preset).
+      axis_name: pmap axis over which training-mode BatchNorm computes statistics (global batch).
+      dtype: compute dtype name, e.g. 'float32' or 'bfloat16'; parameters stay float32, logits are float32.
+    """
+
+    num_classes: int
+    depth: int = 50
+    bn_epsilon: float = KERAS_BN_EPSILON
+    pool1_pad: int = 1
+    head: str = "seed"
+    hidden: int = 256
+    dropout: float = 0.25
+    image_size: int | None = None
+    upsample: str = "nearest"
+    backbone_bn_train: bool = True
+    axis_name: str | None = None
+    dtype: str = "float32"
+
+    # Width of the backbone's feature map (4 x the last stage's bottleneck width) for every depth.
+    FEATURES = 4 * STAGE_FILTERS[-1]
+
+    def setup(self) -> None:
+        dtype = jnp.dtype(self.dtype)
+        self.backbone_net = ResNet(depth=self.depth, bn_epsilon=self.bn_epsilon, pool1_pad=self.pool1_pad,
+                                   axis_name=self.axis_name, dtype=dtype, name="backbone")
+        self.head_net = Head(self.num_classes, kind=self.head, hidden=self.hidden, dropout=self.dropout,
+                             axis_name=self.axis_name, dtype=dtype, name="head")
+
+    def metadata(self) -> dict[str, Any]:
+        """The weights-file `model` entry ({'kind', 'config'}) that rebuilds this classifier."""
+        config = {name: getattr(self, name) for name in (
+            "num_classes", "depth", "bn_epsilon", "pool1_pad", "head", "hidden", "dropout", "image_size",
+            "upsample", "backbone_bn_train", "dtype")}
+        return {"kind": "classifier", "config": config}
+
+    def features(self, images: jnp.ndarray, train: bool = False,
+                 augment: Callable[[jnp.ndarray], jnp.ndarray] | None = None) -> jnp.ndarray:
+        """Raw RGB images (N, H, W, 3), uint8 or 0..255 floats -> backbone feature map.
+
+        `augment`, if given, maps the preprocessed images at their native size to augmented ones (it runs
+        after caffe preprocessing and before upsampling, as the seed's random erasing did).
+        """
+        x = preprocess_input(images)
+        if augment is not None:
+            x = augment(x)
+        if self.image_size is not None:
+            x = upsample(x, self.image_size, self.upsample)
+        return self.backbone_net(x, train=train and self.backbone_bn_train)
+
+    def classify(self, features: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """Backbone feature map (N, h, w, FEATURES) -> (N, num_classes) float32 logits (the head alone)."""
+        return self.head_net(features, train=train)
+
+    def __call__(self, images: jnp.ndarray, train: bool = False,
+                 augment: Callable[[jnp.ndarray], jnp.ndarray] | None = None) -> jnp.ndarray:
+        """Raw RGB images -> logits; see `features`. `train` enables dropout and batch statistics."""
+        return self.classify(self.features(images, train, augment), train)
+
+
+MODEL_KINDS["classifier"] = Classifier

@@ -1,0 +1,103 @@
+"""Which parameters train: freeze specs -> per-leaf labels -> trainable/frozen split; parameter-count table.
+
+A spec is a preset or a regex searched in each parameter's '/'-joined path (e.g.
+'backbone/conv2_block1_1_conv/kernel', 'head/dense_1/bias'); matching leaves are frozen:
+- 'convs' (default, the seed recipe): every backbone conv kernel and bias; backbone BN scale/bias train;
+- 'none': nothing (full fine-tune);
+- 'backbone': every backbone parameter, and the backbone's BN runs in inference mode (feature extraction);
+- 'stages:N' (N = 1..5): every parameter (convs and BN) of the stem (conv1, N = 1) and stages conv2..convN.
+Except for 'backbone', BatchNorm runs in training mode (batch statistics, moving statistics updated), as a
+Keras BN layer left trainable does. Labels feed `optax.partition` (optim.py); the split lets the train step
+differentiate with respect to trainable leaves only, so frozen weights never get a gradient computed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from flaxresnet.errors import UserError
+
+TRAINABLE = "trainable"
+FROZEN = "frozen"
+PRESETS: dict[str, str | None] = {
+    "none": None,
+    "convs": r"^backbone/[^/]+_conv/",
+    "backbone": r"^backbone/",
+}
+_STAGES = re.compile(r"stages:(\d+)")
+
+Params = dict[str, Any]
+FlatParams = dict[tuple[str, ...], Any]
+
+
+def frozen_pattern(spec: str) -> re.Pattern[str] | None:
+    """The compiled regex of frozen paths for a spec (None: nothing frozen); UserError if malformed."""
+    if spec in PRESETS:
+        pattern = PRESETS[spec]
+        return None if pattern is None else re.compile(pattern)
+    stages = _STAGES.fullmatch(spec)
+    if stages:
+        n = int(stages.group(1))
+        if not 1 <= n <= 5:
+            raise UserError(f"freeze {spec!r}: N must be 1 (stem) to 5 (all stages)")
+        return re.compile(rf"^backbone/conv[1-{n}]_")
+    try:
+        return re.compile(spec)
+    except re.error as e:
+        raise UserError(f"freeze {spec!r} is neither a preset ({', '.join(PRESETS)}, stages:N) nor a valid "
+                        f"regex: {e}") from None
+
+
+def backbone_bn_train(spec: str) -> bool:
+    """Whether the backbone's BatchNorm runs on batch statistics in training; only 'backbone' turns it off."""
+    return spec != "backbone"
+
+
+def labels(params: Params, spec: str) -> Params:
+    """A tree like `params` with TRAINABLE or FROZEN at each leaf; UserError if a regex matches nothing."""
+    pattern = frozen_pattern(spec)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    frozen = {path for path in flat if pattern is not None and pattern.search(path)}
+    if pattern is not None and not frozen:
+        raise UserError(f"freeze {spec!r} matches no parameter path (paths look like "
+                        f"'backbone/conv1_conv/kernel' or 'head/dense/bias')")
+    return traverse_util.unflatten_dict({p: FROZEN if p in frozen else TRAINABLE for p in flat}, sep="/")
+
+
+def split(params: Params, label_tree: Params) -> tuple[FlatParams, FlatParams]:
+    """(trainable, frozen) flat dicts {path tuple: leaf}; `merge` puts them back together."""
+    flat = traverse_util.flatten_dict(params)
+    flat_labels = traverse_util.flatten_dict(label_tree)
+    trainable = {k: v for k, v in flat.items() if flat_labels[k] == TRAINABLE}
+    frozen = {k: v for k, v in flat.items() if flat_labels[k] == FROZEN}
+    return trainable, frozen
+
+
+def merge(trainable: FlatParams, frozen: FlatParams) -> Params:
+    """The nested parameter tree of a `split`."""
+    return traverse_util.unflatten_dict({**trainable, **frozen})
+
+
+def parameter_counts(variables: dict[str, Params], label_tree: Params) -> dict[str, int]:
+    """Trainable, frozen, BN-statistics and total counts; the total includes BN moving statistics, as Keras'
+    `model.summary()` counts them (as non-trainable parameters)."""
+    trainable, frozen = split(variables["params"], label_tree)
+
+    def size(tree: Any) -> int:
+        return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+
+    counts = {"trainable": size(trainable), "frozen": size(frozen),
+              "bn_statistics": size(variables.get("batch_stats", {}))}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    """The counts as an aligned text table, one line per kind, for the training log."""
+    names = {"trainable": "trainable", "frozen": "frozen", "bn_statistics": "BN statistics", "total": "total"}
+    return "\n".join(f"{names[k]:<14}{counts[k]:>14,}" for k in names)

@@ -1,0 +1,89 @@
+"""The optimizer: Keras-exact Adam, warmup + cosine schedule, decoupled weight decay, clipping, freezing.
+
+Keras' Adam puts epsilon on the uncorrected sqrt(v) and folds the bias corrections into the step size;
+optax's `scale_by_adam` adds epsilon after bias correction. The two differ most in the first steps (Keras'
+effective epsilon is eps / sqrt(1 - b2^t), 3.2e-6 at t=1 for eps=1e-7), so `scale_by_keras_adam` follows
+Keras' formula literally to reproduce Keras training.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flaxresnet import freeze
+from flaxresnet.config import Config
+from flaxresnet.errors import UserError
+
+# keras.optimizers.Adam defaults.
+KERAS_ADAM_B1 = 0.9
+KERAS_ADAM_B2 = 0.999
+KERAS_ADAM_EPS = 1e-7
+
+
+class KerasAdamState(NamedTuple):
+    """Step count and first/second moments, as Keras' Adam keeps them."""
+
+    count: jnp.ndarray
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def scale_by_keras_adam(b1: float = KERAS_ADAM_B1, b2: float = KERAS_ADAM_B2,
+                        eps: float = KERAS_ADAM_EPS) -> optax.GradientTransformation:
+    """Adam direction as keras.optimizers.Adam computes it (multiply by -lr to get the update):
+    m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2); step = sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)."""
+
+    def init(params: optax.Params) -> KerasAdamState:
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return KerasAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros)
+
+    def update(updates: optax.Updates, state: KerasAdamState,
+               params: optax.Params | None = None) -> tuple[optax.Updates, KerasAdamState]:
+        del params
+        count = state.count + 1
+        t = count.astype(jnp.float32)
+        mu = jax.tree.map(lambda m, g: m + (g - m) * (1 - b1), state.mu, updates)
+        nu = jax.tree.map(lambda v, g: v + (jnp.square(g) - v) * (1 - b2), state.nu, updates)
+        correction = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        direction = jax.tree.map(lambda m, v: correction * m / (jnp.sqrt(v) + eps), mu, nu)
+        return direction, KerasAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def learning_rate_schedule(config: Config, total_steps: int | None = None) -> optax.Schedule:
+    """Linear warmup over `config.warmup` steps to `config.learning_rate`, then constant or cosine to zero
+    at `total_steps` (required for 'cosine')."""
+    peak = config.learning_rate
+    if config.schedule == "cosine":
+        if total_steps is None or total_steps <= config.warmup:
+            raise UserError(f"the cosine schedule needs the total number of steps, more than warmup "
+                            f"({config.warmup}); got {total_steps}")
+        return optax.warmup_cosine_decay_schedule(0.0, peak, config.warmup, total_steps, end_value=0.0)
+    if config.warmup == 0:
+        return optax.constant_schedule(peak)
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, config.warmup), optax.constant_schedule(peak)],
+                                [config.warmup])
+
+
+def decay_mask(params: optax.Params) -> Any:
+    """True for kernels (conv and dense), False for BN scale/bias and every bias: what weight decay touches."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+
+def make_optimizer(config: Config, label_tree: Any, total_steps: int | None = None) -> optax.GradientTransformation:
+    """Clip -> Keras Adam -> decoupled weight decay -> learning rate on trainable leaves; frozen leaves get
+    `optax.set_to_zero()`: zero updates and no optimizer state."""
+    chain = []
+    if config.clip_norm is not None:
+        chain.append(optax.clip_by_global_norm(config.clip_norm))
+    chain.append(scale_by_keras_adam())
+    if config.weight_decay:
+        chain.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+    chain.append(optax.scale_by_learning_rate(learning_rate_schedule(config, total_steps)))
+    return optax.partition({freeze.TRAINABLE: optax.chain(*chain), freeze.FROZEN: optax.set_to_zero()},
+                           label_tree)

@@ -1,0 +1,213 @@
+"""The fine-tuning step: TrainState, pure `train_step` / `eval_step`, and the one place they are pmapped.
+
+Data parallel over all devices with `jax.pmap(axis_name='batch')`: batches are shaped (devices, per_device,
+...), gradients and BN statistics are averaged with `lax.pmean`, and training-mode BatchNorm computes its
+statistics over the global batch (the model's `axis_name`). Inside the step, on device: caffe
+preprocessing, augmentation, upsampling, forward, loss, gradients with respect to the trainable
+parameters only (frozen weights never get a gradient), the optimizer.
+
+Randomness: one root key. Step t uses fold_in(root, t); augmentation keys are fold_in(that, global example
+index), so augmentations do not depend on the device count; dropout uses one key per device.
+
+Multi-host: call `jax.distributed.initialize()` (arguments or cluster auto-detection) in every process
+before any other JAX call, and give every process the same config and root key. Each process then feeds
+the step its own `batch_size / process_count` slice of the global batch, reshaped over its local devices
+(`data.shard(batch, jax.local_device_count())`); pmap's axis spans every device of every host, so the pmeans
+and BN statistics are global and `lax.axis_index` numbers examples globally. (Tested on one host only.)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import jax_utils, struct, traverse_util
+
+from flaxresnet import augment as augment_lib
+from flaxresnet import freeze, optim, weights_file
+from flaxresnet.config import Config
+from flaxresnet.errors import UserError
+from flaxresnet.models import Classifier, ResNet
+
+AXIS = "batch"
+Batch = dict[str, Any]
+Metrics = dict[str, jax.Array]
+Variables = dict[str, Any]
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step changes (arrays), plus the static model, optimizer and config it needs."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: optax.OptState
+    model: Classifier = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    config: Config = struct.field(pytree_node=False)
+
+    def variables(self) -> Variables:
+        """{'params', 'batch_stats'}: what a weights file stores and `model.apply` takes."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def build_classifier(config: Config, backbone: ResNet | None = None) -> Classifier:
+    """The classifier a config describes; the backbone architecture comes from `backbone` (e.g. the module
+    `load_converted` returned) or, from scratch, is a ResNet{config.depth} with Keras defaults."""
+    arch = {"depth": config.depth} if backbone is None else {
+        "depth": backbone.depth, "bn_epsilon": backbone.bn_epsilon, "pool1_pad": backbone.pool1_pad}
+    return Classifier(num_classes=config.num_classes, head=config.head, hidden=config.hidden,
+                      dropout=config.dropout, image_size=config.image_size, upsample=config.upsample,
+                      backbone_bn_train=freeze.backbone_bn_train(config.freeze), axis_name=AXIS,
+                      dtype=config.dtype, **arch)
+
+
+def create_train_state(config: Config, rng: jax.Array, image_shape: tuple[int, int, int] = (32, 32, 3),
+                       backbone: tuple[ResNet, Variables] | None = None,
+                       total_steps: int | None = None) -> TrainState:
+    """A fresh, unreplicated TrainState: head (and backbone, if none is given) initialised from `rng`.
+
+    `backbone` is `load_converted`'s (model, variables) for a ResNet; its tree must match the classifier's
+    backbone exactly (an ImageNet `predictions` layer is dropped). `image_shape` is one input image's
+    (H, W, C) at native size; `total_steps` is needed by the cosine schedule.
+    """
+    check_batch_size(config.batch_size)
+    model = build_classifier(config, None if backbone is None else backbone[0])
+    images = jnp.zeros((1, *image_shape), jnp.uint8)
+    if backbone is None:
+        variables = jax.jit(model.init)(rng, images)
+    else:
+        variables = _with_backbone(model, rng, images, backbone[1])
+    label_tree = freeze.labels(variables["params"], config.freeze)
+    tx = optim.make_optimizer(config, label_tree, total_steps)
+    return TrainState(step=jnp.zeros([], jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+                      model=model, tx=tx, config=config)
+
+
+def _with_backbone(model: Classifier, rng: jax.Array, images: jax.Array, backbone: Variables) -> Variables:
+    """Classifier variables made of `backbone`'s (checked strictly against the model's names and shapes)
+    and a head initialised from `rng`; the random backbone init is skipped, only its shapes are traced."""
+    expected = jax.eval_shape(model.init, rng, images)
+    variables: Variables = {}
+    for collection in ("params", "batch_stats"):
+        given = {k: v for k, v in backbone.get(collection, {}).items() if k != "predictions"}
+        want = traverse_util.flatten_dict(expected[collection]["backbone"], sep="/")
+        got = traverse_util.flatten_dict(given, sep="/")
+        problems = ([f"missing {k}" for k in sorted(want.keys() - got.keys())]
+                    + [f"unexpected {k}" for k in sorted(got.keys() - want.keys())]
+                    + [f"{k}: shape {np.shape(got[k])}, expected {want[k].shape}"
+                       for k in sorted(want.keys() & got.keys()) if np.shape(got[k]) != want[k].shape])
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+            raise UserError(f"backbone {collection} do not match the classifier's ResNet: {shown}; "
+                            f"convert the weights again or pick the matching depth")
+        variables[collection] = {"backbone": jax.tree.map(jnp.asarray, given)}
+    head = jax.jit(functools.partial(model.init, method=Classifier.classify))(
+        rng, jnp.zeros((1, 1, 1, Classifier.FEATURES), jnp.float32))
+    for collection, tree in head.items():
+        variables[collection]["head"] = tree["head"]
+    return variables
+
+
+def check_batch_size(batch_size: int) -> None:
+    """UserError unless the global batch splits evenly over all devices (of all hosts)."""
+    devices = jax.device_count()
+    if batch_size % devices:
+        raise UserError(f"batch size {batch_size} does not divide evenly over {devices} devices: use a "
+                        f"multiple of {devices}")
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy on logits against integer labels, optionally label-smoothed."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def _hits(logits: jax.Array, labels: jax.Array) -> Metrics:
+    """Per-example top-1 (and top-5 for >= 5 classes) correctness as floats."""
+    hits = {"accuracy": (jnp.argmax(logits, -1) == labels).astype(jnp.float32)}
+    if logits.shape[-1] >= 5:
+        top5 = jax.lax.top_k(logits, 5)[1]
+        hits["top5"] = jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32)
+    return hits
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+    """One optimizer step on this device's share of a global batch; run it through `p_train_step`.
+
+    `batch`: {'image': uint8 (B, H, W, 3) at native size, 'label': int32 (B,)}. Returns the new state and
+    the global batch's mean loss (the training objective), accuracy, top5 and the global norm of the
+    (averaged, unclipped) gradient of the trainable parameters.
+    """
+    config = state.config
+    device = jax.lax.axis_index(AXIS)
+    local = batch["label"].shape[0]
+    augment_key, dropout_key = jax.random.split(jax.random.fold_in(rng, state.step))
+    example_keys = jax.vmap(functools.partial(jax.random.fold_in, augment_key))(device * local + jnp.arange(local))
+    augment = functools.partial(augment_lib.augment, keys=example_keys, names=config.augment,
+                                cutout_size=config.cutout_size) if config.augment else None
+    label_tree = freeze.labels(state.params, config.freeze)
+    trainable, frozen = freeze.split(state.params, label_tree)
+
+    def loss_fn(trainable: freeze.FlatParams) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+        variables = {"params": freeze.merge(trainable, frozen), "batch_stats": state.batch_stats}
+        logits, updated = state.model.apply(variables, batch["image"], train=True, augment=augment,
+                                            mutable=["batch_stats"],
+                                            rngs={"dropout": jax.random.fold_in(dropout_key, device)})
+        loss = cross_entropy(logits, batch["label"], config.label_smoothing).mean()
+        return loss, (logits, updated["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    grads = jax.lax.pmean(grads, AXIS)
+    full_grads = freeze.merge(grads, jax.tree.map(jnp.zeros_like, frozen))
+    updates, opt_state = state.tx.update(full_grads, state.opt_state, state.params)
+    trainable_updates, _ = freeze.split(updates, label_tree)
+    params = freeze.merge(optax.apply_updates(trainable, trainable_updates), frozen)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               **{k: v.mean() for k, v in _hits(logits, batch["label"]).items()}}
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=jax.lax.pmean(batch_stats, AXIS), opt_state=opt_state)
+    return new_state, jax.lax.pmean(metrics, AXIS)
+
+
+def eval_step(state: TrainState, batch: Batch) -> Metrics:
+    """Sums over the global batch of loss (unsmoothed cross-entropy), accuracy and top5, plus 'count'.
+
+    `batch` is as for `train_step` plus an optional 'mask' (B,) that zeroes padding examples, so a padded
+    last batch counts every real example exactly once. No augmentation, BN on moving statistics.
+    """
+    logits = state.model.apply(state.variables(), batch["image"], train=False)
+    mask = batch.get("mask", jnp.ones(batch["label"].shape)).astype(jnp.float32)
+    per_example = {"loss": cross_entropy(logits, batch["label"]), **_hits(logits, batch["label"])}
+    sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
+    return jax.lax.psum({**sums, "count": jnp.sum(mask)}, AXIS)
+
+
+# The one place the steps are mapped over devices. The state is donated: its buffers are reused.
+p_train_step = jax.pmap(train_step, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+p_eval_step = jax.pmap(eval_step, axis_name=AXIS)
+
+
+def replicate(state: TrainState) -> TrainState:
+    """One copy of `state` per local device, sharded exactly as `p_train_step` returns it (a mesh over the
+    pmap axis name), so that feeding its output back in does not compile the step a second time."""
+    return jax_utils.replicate(state, axis_name=AXIS)
+
+
+def unreplicate(state: TrainState) -> TrainState:
+    """Device 0's copy of a replicated state (all copies are equal)."""
+    return jax_utils.unreplicate(state)
+
+
+def save_classifier(path: str, state: TrainState, **metadata: Any) -> None:
+    """Write an unreplicated state's variables as a weights file that `load_converted` rebuilds into the
+    classifier (logits from raw native-size images); `metadata` adds informative JSON-able entries."""
+    variables = jax.device_get(state.variables())
+    weights_file.save(path, variables, {"model": state.model.metadata(), "config": state.config.to_dict(),
+                                        **metadata})

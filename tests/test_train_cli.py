@@ -1,0 +1,251 @@
+"""train.py end to end on tiny settings: mock CIFAR-100 and an image folder, resume equality, the work folder's
+files, final.msgpack, and each foreseeable mistake as one line on stderr with exit status 2.
+
+Kept fast on 2 CPU cores: a random backbone file with `--freeze backbone` (the step then differentiates the head
+only), 32 px images not upsampled, batches of 8, a few steps an epoch, and one persistent XLA compilation cache
+for every run of the file (runs differ in static settings such as the work folder, not in their programs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from flaxresnet import data, evaluate, load_converted, loop, train_lib, weights_file
+from flaxresnet.config import Config
+from flaxresnet.errors import UserError
+from flaxresnet.models import Classifier
+from data_helpers import mock_tfds, write_image_folder
+from engine_helpers import random_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
+train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train)
+
+# Mock CIFAR-100: 20 examples per split, so 2 training steps of 8 an epoch and 3 evaluation batches (one padded).
+EXAMPLES = 20
+TINY = ("--image-size", "32", "--batch-size", "8", "--freeze", "backbone", "--augment", "cutout,flip")
+ROW_KEYS = {"epoch", "train_loss", "train_accuracy", "train_top5", "val_loss", "val_accuracy", "val_top5",
+            "seconds", "img_per_s"}
+TIMING_KEYS = {"seconds", "img_per_s"}
+CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
+                 "jax_persistent_cache_min_entry_size_bytes": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Every run of this file shares one persistent compilation cache; also passed to subprocesses."""
+    folder = str(tmp_path_factory.mktemp("xla_cache"))
+    before = {name: getattr(jax.config, name) for name in CACHE_OPTIONS}
+    for name, value in {**CACHE_OPTIONS, "jax_compilation_cache_dir": folder}.items():
+        jax.config.update(name, value)
+    yield folder
+    for name, value in before.items():
+        jax.config.update(name, value)
+
+
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory) -> Path:
+    """A random ResNet50 backbone saved as a converted weights file."""
+    path = tmp_path_factory.mktemp("backbone") / "backbone.msgpack"
+    _, variables = random_backbone()
+    weights_file.save(path, variables, {"model": {"kind": "resnet", "config": {"depth": 50}}})
+    return path
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    status = train.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def rows(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def numbers(workdir: Path) -> list[dict]:
+    """metrics.jsonl without the timings: what must be equal between runs."""
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows(workdir)]
+
+
+def test_cifar100_extended_run_equals_uninterrupted_and_final_file_predicts(tmp_path, backbone_file, capsys):
+    tfds_dir = tmp_path / "tfds"
+    cifar = ("--backbone-weights", backbone_file, "--data-dir", tfds_dir, *TINY)
+    with mock_tfds(tfds_dir, num_examples=EXAMPLES):
+        status, out, err = run(capsys, *cifar, "--epochs", 3, "--workdir", tmp_path / "full")
+        assert status == 0, err
+        status, out, err = run(capsys, *cifar, "--epochs", 1, "--workdir", tmp_path / "split")
+        assert status == 0, err
+        assert "new run" in out and "epoch 1/1: train loss" in out
+        one = rows(tmp_path / "split")
+        assert len(one) == 1 and set(one[0]) == ROW_KEYS and one[0]["epoch"] == 1
+        assert all(isinstance(one[0][k], float) for k in ROW_KEYS - {"epoch"})
+
+        status, out, err = run(capsys, *cifar, "--epochs", 3, "--workdir", tmp_path / "split")
+        assert status == 0, err
+        assert "resuming after epoch 1 from checkpoint_0001.msgpack" in out
+        assert "epoch 1/3" not in out and "epoch 3/3" in out
+        ds = data.load_dataset("cifar100", str(tfds_dir))
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert numbers(split) == numbers(full) and [r["epoch"] for r in rows(full)] == [1, 2, 3]
+    assert rows(split)[0] == one[0]  # the first run's row is kept, timings included
+    assert sorted(p.name for p in split.glob("checkpoint_*")) == ["checkpoint_0002.msgpack",
+                                                                   "checkpoint_0003.msgpack"]
+    assert json.loads((split / "config.json").read_text())["num_classes"] == 100
+    assert (split / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    model, variables = load_converted(split / "final.msgpack")
+    _, full_variables = load_converted(full / "final.msgpack")
+    flat, full_flat = (traverse_util.flatten_dict(v) for v in (variables, full_variables))
+    assert flat.keys() == full_flat.keys() and all(np.array_equal(flat[k], full_flat[k]) for k in flat)
+    _, metadata = weights_file.load(split / "final.msgpack")
+    assert isinstance(model, Classifier) and metadata["image_shape"] == [32, 32, 3]
+    assert len(metadata["class_names"]) == 100 and metadata["class_names"][0] == "apple"
+    logits = jax.jit(lambda x: model.apply(variables, x))(ds.validation.images)
+    assert logits.shape == (EXAMPLES, 100)
+    # The evaluation command's numbers on the final file are the loop's final validation numbers.
+    result = evaluate.evaluate(evaluate.eval_state(model, variables), ds.validation, 8)
+    last = rows(split)[-1]
+    assert (result.loss, result.accuracy, result.top5) == (last["val_loss"], last["val_accuracy"],
+                                                          last["val_top5"])
+    assert result.accuracy == np.mean(np.argmax(logits, -1) == ds.validation.labels)
+
+
+def test_run_stopped_mid_epoch_resumes_to_the_same_numbers(tmp_path, backbone_file, capsys, monkeypatch):
+    tfds_dir = tmp_path / "tfds"
+    cosine = ("--backbone-weights", backbone_file, "--data-dir", tfds_dir, *TINY, "--epochs", 2,
+              "--schedule", "cosine", "--eval-every", 2)
+    step = train_lib.p_train_step
+    calls = []
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) == 3:  # the first step of epoch 2: epoch 1's checkpoint is written, epoch 2 started
+            raise KeyboardInterrupt
+        return step(*args)
+
+    with mock_tfds(tfds_dir, num_examples=EXAMPLES):
+        status, _, err = run(capsys, *cosine, "--workdir", tmp_path / "full")
+        assert status == 0, err
+        monkeypatch.setattr(train_lib, "p_train_step", interrupted_step)
+        status, _, err = run(capsys, *cosine, "--workdir", tmp_path / "stopped")
+        assert status == 130
+        assert err == f"interrupted: rerun with --workdir {tmp_path / 'stopped'} to resume from its last checkpoint\n"
+        assert not (tmp_path / "stopped" / "final.msgpack").exists()
+        monkeypatch.undo()
+        status, out, err = run(capsys, *cosine, "--workdir", tmp_path / "stopped")
+        assert status == 0, err
+        assert "resuming after epoch 1" in out
+        # A cosine schedule ends at --epochs: the run cannot be extended, and says so.
+        status, _, err = run(capsys, *cosine[:-4], "--epochs", 3, "--schedule", "cosine",
+                             "--workdir", tmp_path / "stopped")
+    assert numbers(tmp_path / "stopped") == numbers(tmp_path / "full")
+    assert rows(tmp_path / "full")[0]["val_loss"] is None  # --eval-every 2
+    assert status == 2 and "cosine schedule decays to zero at epoch 2" in err and err.count("\n") == 1
+
+
+def test_image_folder_run_in_a_subprocess(tmp_path, backbone_file, compilation_cache):
+    folder = write_image_folder(tmp_path / "images", {"cat": 12, "dog": 12, "fish": 12})
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": compilation_cache,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    done = subprocess.run([sys.executable, "train.py", "--backbone-weights", backbone_file, "--dataset",
+                           f"folder:{folder}", *TINY, "--epochs", "1", "--workdir", tmp_path / "run"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "27 training and 9 validation images of 32x32 px" in done.stdout
+    assert "epoch 1/1: train loss" in done.stdout
+    (row,) = rows(tmp_path / "run")
+    assert set(row) == ROW_KEYS - {"train_top5", "val_top5"}  # 3 classes: no top-5
+    model, variables = load_converted(tmp_path / "run" / "final.msgpack")
+    _, metadata = weights_file.load(tmp_path / "run" / "final.msgpack")
+    assert metadata["class_names"] == ["cat", "dog", "fish"] and model.num_classes == 3
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, backbone_file, capsys, monkeypatch):
+    def nan_step(state, batch, rng):
+        loss = np.nan if int(state.step[0]) == 2 else 1.0
+        return state.replace(step=state.step + 1), {"loss": np.full(1, loss), "accuracy": np.zeros(1)}
+
+    monkeypatch.setattr(train_lib, "p_train_step", nan_step)
+    with mock_tfds(tmp_path / "tfds", num_examples=EXAMPLES):
+        status, _, err = run(capsys, "--backbone-weights", backbone_file, "--data-dir", tmp_path / "tfds", *TINY,
+                             "--epochs", 3, "--workdir", tmp_path / "run")
+    assert status == 2 and err.count("\n") == 1
+    assert "the training loss is nan at step 3 (epoch 2, batch 1 of 2): stopped" in err
+    assert [r["epoch"] for r in rows(tmp_path / "run")] == [1]
+
+
+def bad_image_folder(tmp_path: Path) -> Path:
+    folder = write_image_folder(tmp_path / "images", {"a": 3, "b": 3})
+    (folder / "b" / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def corrupt_checkpoint(tmp_path: Path) -> Path:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint_0001.msgpack").write_bytes(b"\x93truncated")
+    return tmp_path / "run"
+
+
+def garbage_file(tmp_path: Path) -> Path:
+    (tmp_path / "garbage.msgpack").write_bytes(b"\x00" * 100)
+    return tmp_path / "garbage.msgpack"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (lambda t: ["--backbone-weights", t / "missing.msgpack"], "weights file {t}/missing.msgpack not found"),
+    (lambda t: ["--backbone-weights", garbage_file(t)], "{t}/garbage.msgpack is not a readable flaxresnet"),
+    (lambda t: ["--backbone-weights", "none", "--data-dir", t], "tfds dataset 'cifar100' is not prepared in"),
+    (lambda t: ["--backbone-weights", "none", "--dataset", f"folder:{t}"], "image folder {t} has no class"),
+    (lambda t: ["--backbone-weights", "none", "--dataset", f"folder:{bad_image_folder(t)}"],
+     "cannot read image {t}/images/b/broken.png"),
+    (lambda t: ["--backbone-weights", "none", "--workdir", corrupt_checkpoint(t)],
+     "checkpoint {t}/run/checkpoint_0001.msgpack is corrupt or not a flaxresnet checkpoint"),
+    (lambda t: ["--backbone-weights", "none", "--dataset", "digits", "--image-size", "20"],
+     "--image-size 20 is not a whole multiple of the dataset's 8x8 images"),
+    (lambda t: ["--backbone-weights", "none", "--augment", "rotate"], "unknown augmentation(s) rotate"),
+], ids=["missing-weights", "corrupt-weights", "unprepared-dataset", "empty-folder", "unreadable-image",
+        "corrupt-checkpoint", "image-size", "augment"])
+def test_mistakes_fail_fast_with_one_line(tmp_path, capsys, argv, message):
+    status, out, err = run(capsys, *argv(tmp_path), "--workdir", tmp_path / "run")
+    assert status == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message.format(t=tmp_path) in err
+
+
+def test_batch_size_not_divisible_by_devices(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run([sys.executable, "train.py", "--backbone-weights", "none", "--dataset", "digits",
+                           "--batch-size", "7", "--workdir", tmp_path / "run"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == ("error: batch size 7 does not divide evenly over 2 devices: use a multiple of 2\n")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"epochs": 5, "eval_every": 2, "workdir": "elsewhere", "data_dir": "moved"}, None),
+    ({"learning_rate": 0.01}, "other settings (--learning-rate 0.001 -> 0.01)"),
+    ({"epochs": 2}, "is already past epoch 2: pass --epochs 3 or more"),
+    ({"schedule": "cosine", "epochs": 5}, "other settings (--schedule constant -> cosine)"),
+])
+def test_resume_checks_the_settings(tmp_path, changes, message):
+    saved = Config(num_classes=10, epochs=3, workdir=str(tmp_path))
+    checkpoint = loop.Checkpoint(tmp_path / "checkpoint_0003.msgpack", 3, saved, {})
+    config = Config(**{**saved.to_dict(), "num_classes": 100, **changes})
+    if message is None:
+        loop.check_resumable(checkpoint, config)
+    else:
+        with pytest.raises(UserError) as e:
+            loop.check_resumable(checkpoint, config)
+        assert message in str(e.value)
