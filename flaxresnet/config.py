@@ -41,6 +41,12 @@ class Config:
       batch_size: global batch size, split evenly over all devices.
       depth: ResNet depth of a backbone initialised from scratch (a converted backbone brings its own).
       seed: the one root of all randomness (initialisation, augmentation, dropout).
+      backbone_weights: a converted backbone file (`python -m convert keras_to_flax`); None trains from scratch.
+      dataset, data_dir: a data.load_dataset spec and the tfds data folder (None: tfds' default); `seed` also
+        fixes the data order and any split-off validation part.
+      epochs: training epochs in all (a resumed run continues up to it).
+      eval_every: evaluate on the validation split every this many epochs, and after the last.
+      workdir: folder of metrics, plots, checkpoints and final.msgpack (loop.py); None: a new timestamped one.
     """
 
     num_classes: int = 100
@@ -62,6 +68,12 @@ class Config:
     batch_size: int = 64
     depth: int = 50
     seed: int = 0
+    backbone_weights: str | None = None
+    dataset: str = "cifar100"
+    data_dir: str | None = None
+    epochs: int = 15
+    eval_every: int = 1
+    workdir: str | None = None
 
     def __post_init__(self) -> None:
         # A list from JSON or a command line becomes a tuple, keeping the config hashable.
@@ -86,6 +98,8 @@ class Config:
             raise UserError("learning_rate must be positive; weight_decay and warmup non-negative")
         if self.clip_norm is not None and self.clip_norm <= 0:
             raise UserError("clip_norm must be positive (or None to disable clipping)")
+        if self.epochs < 1 or self.eval_every < 1:
+            raise UserError(f"epochs and eval_every must be positive, got {self.epochs} and {self.eval_every}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field (tuples become lists)."""
