@@ -8,7 +8,7 @@ move every parameter by about lr * sign(g), so gradient elements near zero flip 
 difference grows ~10x per step. Keras' float32 rounding is the seed: its JAX BatchNorm computes
 x * inv + (beta - mean * inv), which cancels badly (some BN gradients are 4% off their float64 values; Flax's
 (x - mean) * inv + beta: 2e-5). Measured at 1e-3: losses 6e-3 apart by step 10 (3e-4 with Keras' BN
-rewritten stably); at 1e-4: 3.5e-5. Keras Adam's update formula itself is checked exactly in test_optim.
+rewritten stably); at 1e-4: 3.5e-5. Keras Adam's update formula itself is checked exactly in test_train_lib.
 """
 
 from __future__ import annotations
