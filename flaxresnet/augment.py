@@ -22,8 +22,8 @@ def random_erasing(key: jax.Array, image: jnp.ndarray, p: float = 0.5, area: tup
 
     With probability p: draw area fraction s ~ U(area) and aspect r ~ U(aspect) (uniform, not log-uniform),
     w = int(sqrt(s*H*W / r)), h = int(sqrt(s*H*W * r)), top-left corner uniform over the whole image, and
-    redraw all four until the rectangle fits; fill it with one value c ~ U(fill) (pixel_level=False: the same
-    value for every pixel and channel; the seed used v_l=0, v_h=1).
+    redraw all four until the rectangle fits; fill it with noise c ~ U(fill) drawn per pixel and channel
+    (pixel_level=True; the seed filled with U(0, 1) per pixel, v_l=0, v_h=1, shared reference section 5).
     """
     height, width = image.shape[:2]
     gate_key, loop_key, fill_key = jax.random.split(key, 3)
@@ -51,7 +51,7 @@ def random_erasing(key: jax.Array, image: jnp.ndarray, p: float = 0.5, area: tup
     _, (top, left, h, w) = jax.lax.while_loop(misfit, redraw, (k, draw(first)))
     inside = _box_mask(height, width, top, top + h, left, left + w)
     erase = jax.random.uniform(gate_key) <= p
-    value = jax.random.uniform(fill_key, (), minval=fill[0], maxval=fill[1])
+    value = jax.random.uniform(fill_key, image.shape, minval=fill[0], maxval=fill[1])
     return jnp.where(erase & inside, value.astype(image.dtype), image)
 
 
