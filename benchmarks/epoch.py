@@ -27,9 +27,10 @@ from flaxresnet.config import Config  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--examples", type=int, default=96, help="training images an epoch (CIFAR-100: 50,000)")
+    parser.add_argument("--examples", type=int, default=64, help="training images an epoch (CIFAR-100: 50,000)")
     parser.add_argument("--native-size", type=int, default=32, help="side of the images (CIFAR: 32)")
-    parser.add_argument("--image-size", type=int, default=64, help="side the model upsamples them to (seed: 256)")
+    parser.add_argument("--image-size", type=int, default=128,
+                        help="side the model upsamples them to (seed: 256; see train_step.py on 64 px)")
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (seed: 64)")
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=2, help="timed epochs of each pipeline")

@@ -71,9 +71,9 @@ def seed_resnet50(native_size: int, image_size: int, num_classes: int = 100, fre
 def random_eraser(rng: np.random.Generator, p: float = 0.5, area: tuple[float, float] = (0.02, 0.4),
                   aspect: tuple[float, float] = (0.3, 1 / 0.3),
                   fill: tuple[float, float] = (0.0, 1.0)) -> Callable[[np.ndarray], np.ndarray]:
-    """yu4u/cutout-random-erasing's `get_random_eraser` (pixel_level=False) as the seed used it (v_l=0, v_h=1):
-    a function erasing one (H, W, C) image in place and returning it; the same sampling as
-    `flaxresnet.augment.random_erasing`, in numpy on the host, one image at a time."""
+    """yu4u/cutout-random-erasing's `get_random_eraser` as the seed used it (v_l=0, v_h=1, pixel_level=True):
+    a function erasing one (H, W, C) image in place with U(fill) noise per pixel and channel and returning it;
+    the same sampling as `flaxresnet.augment.random_erasing`, in numpy on the host, one image at a time."""
     def eraser(image: np.ndarray) -> np.ndarray:
         height, width = image.shape[:2]
         if rng.random() > p:
@@ -85,7 +85,7 @@ def random_eraser(rng: np.random.Generator, p: float = 0.5, area: tuple[float, f
             left, top = rng.integers(0, width), rng.integers(0, height)
             if left + w <= width and top + h <= height:
                 break
-        image[top:top + h, left:left + w] = rng.uniform(*fill)
+        image[top:top + h, left:left + w] = rng.uniform(*fill, (h, w, image.shape[2]))
         return image
 
     return eraser

@@ -12,6 +12,10 @@ epoch.py), so Keras' step does less work than flaxresnet's. All batches are on t
 Every variant is built, compiled (first step timed) and warmed up, then the variants run in turn, one step
 each (A, B, C, A, B, C, ...), each step timed to completion; ratios are medians of per-round ratios, so
 machine noise that hits both sides of a round cancels.
+
+The defaults (32 px -> 128 px, batch 8) suit 2 CPU cores. Avoid 64 px on CPU: the last stage's 3x3 convs then
+see 2x2 maps, and XLA:CPU compiles six of them (in Keras and flaxresnet alike) to a layout that takes most
+of the step time.
 """
 
 from __future__ import annotations
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="IMPL:FREEZE:DTYPE, IMPL in flax/keras/flax-eval, FREEZE convs/none, DTYPE "
                              "float32/bfloat16")
     parser.add_argument("--native-size", type=int, default=32, help="side of the input images (CIFAR: 32)")
-    parser.add_argument("--image-size", type=int, default=64,
+    parser.add_argument("--image-size", type=int, default=128,
                         help="side the model upsamples them to, a multiple of --native-size (seed: 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (seed: 64)")
     parser.add_argument("--classes", type=int, default=100)
