@@ -167,9 +167,10 @@ def train_epoch(state: train_lib.TrainState, split: data.Split, config: Config, 
                 values = {k: float(v[0]) for k, v in metrics.items()}  # pmean: every device has the same
                 if not math.isfinite(values["loss"]):
                     step = first_step + len(fetched)
+                    kept = f" (the checkpoint of epoch {epoch - 1} is kept)" if epoch > 1 else ""
                     raise UserError(f"the training loss is {values['loss']} at step {step} (epoch {epoch}, batch "
                                     f"{step - first_step + 1} of {steps}): stopped; lower --learning-rate or "
-                                    f"set --clip-norm (the checkpoint of epoch {epoch - 1} is kept)")
+                                    f"set --clip-norm{kept}")
                 fetched.append(values)
             del pending[:count]
             bar.update(count * config.batch_size)

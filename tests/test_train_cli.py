@@ -131,7 +131,7 @@ def test_run_stopped_mid_epoch_resumes_to_the_same_numbers(tmp_path, backbone_fi
 
     def interrupted_step(*args):
         calls.append(1)
-        if len(calls) == 3:  # the first step of epoch 2: epoch 1's checkpoint is written, epoch 2 started
+        if len(calls) == 4:  # the second step of epoch 2: epoch 1 is checkpointed, epoch 2 half done
             raise KeyboardInterrupt
         return step(*args)
 
