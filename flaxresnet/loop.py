@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from flax import serialization
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 from tqdm import tqdm
 
 from flaxresnet import data, evaluate, freeze, train_lib, weights_file
@@ -311,6 +312,9 @@ def plot_curves(path: Path, history: list[Row]) -> None:
         if val:
             ax.plot(*zip(*val), "o-", label="validation")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if metric == "accuracy":
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend()
