@@ -13,6 +13,8 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     def keras_epoch(n: int) -> None:
         model.fit(batches, steps_per_epoch=n, epochs=1, verbose=0, shuffle=False)  # the generator shuffles
 
-    def timed(run, *run_args) -> float:
+    def timed(run: Callable[..., None], *run_args: Any) -> float:
         start = time.perf_counter()
         run(*run_args)
         return time.perf_counter() - start

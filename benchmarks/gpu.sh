@@ -33,20 +33,25 @@ else
 fi
 (nvidia-smi 2>&1 || echo "nvidia-smi not available") > "$out/nvidia-smi.txt"
 
-# Each run has its own time limit, so the whole script ends within 10 minutes whatever happens.
-step() {
+# Each run has its own time limit, so the whole script ends within 10 minutes whatever happens; a run that
+# fails or runs out of time is reported and the others still run.
+failed=0
+run() {
   local limit=$1 name=$2
   shift 2
   echo "== $name"
-  timeout "$((limit * scale))" "$python" -m benchmarks.train_step --steps "$steps" --out "$out/$name.json" "$@"
+  timeout "$((limit * scale))" "$python" -m "$@" --out "$out/$name.json" || {
+    echo "!! $name failed or ran out of its ${limit} s (exit $?)" >&2
+    failed=1
+  }
 }
-step 240 seed_256px_b64 --image-size "$seed_px" --batch-size "$small" --project --variants \
-  flax:convs:float32 keras:convs:float32 flax:convs:bfloat16 keras:convs:bfloat16 \
+run 240 seed_256px_b64 benchmarks.train_step --image-size "$seed_px" --batch-size "$small" --steps "$steps" \
+  --project --variants flax:convs:float32 keras:convs:float32 flax:convs:bfloat16 keras:convs:bfloat16 \
   flax-eval:convs:float32 flax-eval:convs:bfloat16
-step 150 seed_256px_b256 --image-size "$seed_px" --batch-size "$large" --project --variants \
-  flax:convs:float32 keras:convs:float32 flax:convs:bfloat16 flax-eval:convs:bfloat16
-step 150 full_224px_b64 --native-size "$full_px" --image-size "$full_px" --batch-size "$small" --variants \
-  flax:none:float32 keras:none:float32 flax:none:bfloat16
-echo "== input_pipeline"
-timeout "$((30 * scale))" "$python" -m benchmarks.input_pipeline --examples "$examples" --out "$out/input_pipeline.json"
+run 160 seed_256px_b256 benchmarks.train_step --image-size "$seed_px" --batch-size "$large" --steps "$steps" \
+  --project --variants flax:convs:float32 keras:convs:float32 flax:convs:bfloat16 flax-eval:convs:bfloat16
+run 160 full_224px_b64 benchmarks.train_step --native-size "$full_px" --image-size "$full_px" \
+  --batch-size "$small" --steps "$steps" --variants flax:none:float32 keras:none:float32 flax:none:bfloat16
+run 20 input_pipeline benchmarks.input_pipeline --examples "$examples"
 echo "results in $out"
+exit "$failed"

@@ -127,16 +127,17 @@ def ratios(times: dict[Variant, list[float]]) -> dict[str, float]:
     return out
 
 
-def projection(variant: Variant, step_s: float, times: dict[Variant, list[float]],
+def projection(variant: Variant, times: dict[Variant, list[float]], first: dict[Variant, float],
                args: argparse.Namespace) -> dict[str, float]:
-    """Projected minutes of the full run (e.g. 15 epochs of CIFAR-100): training steps at this step time, plus
-    evaluation at the measured eval throughput of the same dtype (flax variants with a flax-eval variant)."""
-    train_s = args.project_epochs * (args.project_train // args.batch_size) * step_s
+    """Projected minutes of the full run (e.g. 15 epochs of CIFAR-100): its training steps at this variant's
+    median step time; for flax with a flax-eval variant of the same dtype also its evaluations at that
+    throughput and both compilations (the first steps), i.e. the whole run but data loading."""
+    train_s = args.project_epochs * (args.project_train // args.batch_size) * statistics.median(times[variant])
     out = {"projected_train_min": train_s / 60}
-    evals = [t for v, t in times.items() if v.impl == "flax-eval" and v.dtype == variant.dtype]
+    evals = [v for v in times if v.impl == "flax-eval" and v.dtype == variant.dtype]
     if variant.impl == "flax" and evals:
-        eval_s = args.project_epochs * args.project_val * statistics.median(evals[0]) / args.batch_size
-        out["projected_total_min"] = (train_s + eval_s) / 60
+        eval_s = args.project_epochs * args.project_val * statistics.median(times[evals[0]]) / args.batch_size
+        out["projected_total_min"] = (train_s + eval_s + first[variant] + first[evals[0]]) / 60
     return out
 
 
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (seed-size runs: 20)")
     parser.add_argument("--project", action="store_true",
                         help="add the projected minutes of a full run (15 CIFAR-100 epochs by default) to each "
-                             "train variant, evaluation included for flax with a flax-eval variant of its dtype")
+                             "train variant; for flax with a flax-eval variant of its dtype, evaluation and "
+                             "compilation included")
     parser.add_argument("--project-epochs", type=int, default=15, help="epochs of the projected full run")
     parser.add_argument("--project-train", type=int, default=50_000, help="training images an epoch")
     parser.add_argument("--project-val", type=int, default=10_000, help="validation images an epoch")
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         step_s = statistics.median(times[v])
         rows.append({"variant": str(v), "first_step_s": first[v], "step_ms": 1000 * step_s,
                      "min_step_ms": 1000 * min(times[v]), "img_per_s": args.batch_size / step_s,
-                     **(projection(v, step_s, times, args) if args.project and v.impl != "flax-eval" else {})})
+                     **(projection(v, times, first, args) if args.project and v.impl != "flax-eval" else {})})
     shape = f"{args.native_size} px -> {args.image_size} px, batch {args.batch_size}"
     settings = {k: v for k, v in vars(args).items() if k not in ("variants", "out")}
     report(f"seed-recipe train step ({shape})", rows, args.out, ratios=ratios(times),

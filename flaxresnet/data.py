@@ -178,12 +178,12 @@ def _read_source(source: Sequence[dict[str, Any]], image_key: str, label_key: st
         if image.shape == (*size, 3):
             images[i] = image
         else:
-            images[i] = _fit(Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image), size)
+            images[i] = fit_image(Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image), size)
         labels[i] = example[label_key]
     return Split(images, labels)
 
 
-def _fit(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+def fit_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """`image` as RGB, resized (bilinear, aspect ratio not kept) to `size` = (height, width)."""
     image = image.convert("RGB")
     if image.size != (size[1], size[0]):
@@ -220,7 +220,7 @@ def _read_image(path: Path, image_size: int) -> np.ndarray:
     """One image file as uint8 RGB (image_size, image_size, 3); UserError naming the file if unreadable."""
     try:
         with Image.open(path) as image:
-            return _fit(image, (image_size, image_size))
+            return fit_image(image, (image_size, image_size))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read image {path} ({e}): fix or remove the file") from e
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from flaxresnet.preprocess import preprocess_input, upsample
@@ -26,6 +27,49 @@ STAGE_FILTERS = (64, 128, 256, 512)
 KERAS_BN_EPSILON = 1.001e-5
 LEGACY_BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99
+
+
+class BatchNorm(nn.Module):
+    """Keras' BatchNormalization over the last axis, computed the way Keras 3 computes it.
+
+    Statistics in float32; the batch variance is the mean squared deviation from the batch mean (both
+    averaged over `axis_name` devices: global-batch statistics); moving statistics updated as
+    `moving * momentum + batch * (1 - momentum)`; output `x * inv + (beta - mean * inv)` with
+    `inv = gamma / sqrt(var + epsilon)`, cast to `dtype`. Besides matching Keras' rounding, this form makes
+    the backward pass one reduction per layer cheaper than flax.linen.BatchNorm's `(x - mean) * inv + beta`
+    (about 25% less time in BatchNorm layers on CPU). Variables are named as flax.linen.BatchNorm names them:
+    params `scale`, `bias`; batch_stats `mean`, `var`.
+    """
+
+    use_running_average: bool
+    momentum: float = BN_MOMENTUM
+    epsilon: float = KERAS_BN_EPSILON
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        moving_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        moving_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        x = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = moving_mean.value, moving_var.value
+        else:
+            mean = self._mean(x)
+            var = self._mean(jnp.square(x - mean))
+            if not self.is_initializing():
+                moving_mean.value = moving_mean.value * self.momentum + mean * (1 - self.momentum)
+                moving_var.value = moving_var.value * self.momentum + var * (1 - self.momentum)
+        inv = jax.lax.rsqrt(var + self.epsilon) * scale
+        return (x * inv + (bias - mean * inv)).astype(self.dtype)
+
+    def _mean(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Per-channel mean over all but the last axis, and over the devices of `axis_name`."""
+        mean = jnp.mean(x, axis=tuple(range(x.ndim - 1)))
+        return mean if self.axis_name is None else jax.lax.pmean(mean, self.axis_name)
 
 
 class ResNet(nn.Module):
@@ -54,10 +98,9 @@ class ResNet(nn.Module):
         return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                        use_bias=True, dtype=self.dtype, param_dtype=jnp.float32, name=name)
 
-    def _bn(self, train: bool, name: str) -> nn.BatchNorm:
-        return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=self.bn_epsilon,
-                            axis_name=self.axis_name if train else None, use_fast_variance=False,
-                            dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    def _bn(self, train: bool, name: str) -> BatchNorm:
+        return BatchNorm(use_running_average=not train, epsilon=self.bn_epsilon,
+                         axis_name=self.axis_name if train else None, dtype=self.dtype, name=name)
 
     def _block(self, x: jnp.ndarray, filters: int, stride: int, shortcut_conv: bool, name: str,
                train: bool) -> jnp.ndarray:
@@ -154,9 +197,9 @@ class Head(nn.Module):
             raise ValueError(f"head must be one of {HEADS}, got {self.kind!r}")
         x = nn.relu(self._dense(self.hidden, "dense")(x))
         x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=HEAD_BN_EPSILON,
-                         axis_name=self.axis_name if train else None, use_fast_variance=False,
-                         dtype=self.dtype, param_dtype=jnp.float32, name="batch_normalization")(x)
+        x = BatchNorm(use_running_average=not train, epsilon=HEAD_BN_EPSILON,
+                      axis_name=self.axis_name if train else None, dtype=self.dtype,
+                      name="batch_normalization")(x)
         return self._dense(self.num_classes, "dense_1")(x).astype(jnp.float32)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from flaxresnet import weights_file
-from flaxresnet.data import _fit
+from flaxresnet.data import fit_image
 from flaxresnet.errors import UserError
 from flaxresnet.models import ResNet
 from flaxresnet.preprocess import preprocess_input
@@ -83,7 +83,7 @@ def load_images(paths: list[str], size: tuple[int, int]) -> np.ndarray:
             raise UserError(f"image {path} not found: check the path")
         try:
             with Image.open(path) as image:
-                images[i] = _fit(image, size)
+                images[i] = fit_image(image, size)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise UserError(f"cannot read image {path} ({e}): give a JPEG, PNG or other image pillow "
                             f"decodes") from None
