@@ -11,7 +11,7 @@ import sys
 
 from flaxresnet import augment, data, freeze, loop
 from flaxresnet.config import DTYPES, SCHEDULES, UPSAMPLE_METHODS, Config
-from flaxresnet.errors import UserError
+from flaxresnet.errors import run_command
 from flaxresnet.models import HEADS, STAGE_BLOCKS
 
 
@@ -89,17 +89,18 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (0, 2 for a UserError, 130 when interrupted)."""
     config = None
-    try:
+
+    def run() -> None:
+        nonlocal config
         config = parse_args(argv)
         loop.train_and_evaluate(config)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    try:
+        return run_command(run)
     except KeyboardInterrupt:
         resume = f": rerun with --workdir {config.workdir} to resume from its last checkpoint" if config else ""
         print(f"interrupted{resume}", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flaxresnet.errors import UserError
+from flaxresnet.errors import run_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def run() -> None:
         if args.command == "keras_to_flax":
             from convert.keras_to_flax import keras_to_flax
 
@@ -50,10 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             from convert.flax_to_keras import flax_to_keras
 
             print(flax_to_keras(args.weights, args.out))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command(run)
 
 
 if __name__ == "__main__":

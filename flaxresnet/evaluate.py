@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 from flaxresnet import data, train_lib, weights_file
 from flaxresnet.config import Config
-from flaxresnet.errors import UserError
+from flaxresnet.errors import UserError, run_command
 from flaxresnet.models import Classifier
 from flaxresnet.predict import input_size
 
@@ -170,12 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        print(run(args.weights, args.dataset, args.data_dir, args.split, args.batch_size, args.out, args.seed))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: print(run(args.weights, args.dataset, args.data_dir, args.split, args.batch_size,
+                                         args.out, args.seed)))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from PIL import Image
 
 from flaxresnet import weights_file
 from flaxresnet.data import fit_image
-from flaxresnet.errors import UserError
+from flaxresnet.errors import UserError, run_command
 from flaxresnet.models import ResNet
 from flaxresnet.preprocess import preprocess_input
 
@@ -131,14 +131,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def run() -> None:
         if args.top < 1:
             raise UserError(f"--top must be at least 1, got {args.top}")
         print(predict(args.weights, args.images, args.top))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command(run)
 
 
 if __name__ == "__main__":
