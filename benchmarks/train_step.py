@@ -4,8 +4,8 @@ backend, `train_on_batch`), plus flaxresnet frozen-convs vs full fine-tune and f
 A variant is IMPL:FREEZE:DTYPE. IMPL is `flax` (train_lib.p_train_step: uint8 batches in; caffe preprocessing,
 random erasing, upsampling, forward, backward and Adam on device), `keras` (the seed's Sequential,
 benchmarks/original.py, through `train_on_batch`; bfloat16 = Keras' mixed_bfloat16 policy) or `flax-eval`
-(train_lib.p_eval_step, for throughput projections). FREEZE is `convs` (the seed: frozen backbone convs,
-trainable BN on batch statistics) or `none` (full fine-tune). Keras gets batches that are already preprocessed
+(train_lib.p_eval_step, the evaluation of the training loop and of flaxresnet.evaluate). FREEZE is `convs`
+(the seed: frozen backbone convs, trainable BN on batch statistics) or `none` (full fine-tune). Keras gets batches that are already preprocessed
 and randomly erased (the seed erased on the host, per image; that host work is not timed here, see
 epoch.py), so Keras' step does less work than flaxresnet's. All batches are on the device before timing.
 
@@ -82,7 +82,7 @@ def flax_step(variant: Variant, args: argparse.Namespace, split: data.Split,
     def step() -> Any:
         nonlocal state
         if variant.impl == "flax-eval":
-            return train_lib.p_eval_step(state, next(batches))
+            return train_lib.p_eval_step(state.model, state.variables(), next(batches))
         state, metrics = train_lib.p_train_step(state, next(batches), key)
         return metrics
 

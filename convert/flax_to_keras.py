@@ -37,7 +37,6 @@ from convert import naming
 from flaxresnet import weights_file
 from flaxresnet.errors import UserError
 from flaxresnet.models import BN_MOMENTUM, HEAD_BN_EPSILON, KERAS_BN_EPSILON, Classifier, ResNet
-from flaxresnet.predict import input_size
 from flaxresnet.preprocess import CAFFE_MEAN_BGR
 
 # What the weights file header says: a Keras 2 legacy file of the TensorFlow (channels-last) layout, so that no
@@ -83,7 +82,7 @@ def flax_to_keras(weights: str, out: str | None = None) -> Summary:
                      f"{'' if model.num_classes == 1000 else f', classes={model.num_classes}'})")
         return Summary(Path(weights).name, out, f"legacy Keras weights .h5 ({arch}, {top})",
                        sum(len(arrays) for _, arrays in layers), load_with, time.perf_counter() - start)
-    height, width = input_size(model, metadata)
+    height, width = weights_file.input_size(model, metadata)
     keras_model = _keras_classifier(model, variables, (height, width))
     with tempfile.TemporaryDirectory() as folder:  # Keras saves to a path only: save, then move atomically
         keras_model.save(Path(folder) / "model.keras")

@@ -15,9 +15,6 @@ from convert.keras_files import read_keras_weights
 from flaxresnet import weights_file
 from flaxresnet.models import ResNet
 
-# Keras builds ImageNet classifiers for 224x224 inputs; the metadata records it for predict-style users.
-IMAGENET_SIZE = 224
-
 
 @dataclass
 class Summary:
@@ -67,7 +64,7 @@ def keras_to_flax(weights: str, out: str, depth: int = 50, include_top: bool = F
         "naming": scheme.name,
         "source": {"file": source.name, "md5": download.md5sum(source), "layout": keras.layout},
         "preprocess": "caffe",
-        "image_size": IMAGENET_SIZE,
+        "image_size": weights_file.IMAGENET_SIZE,
     }
     weights_file.save(out, variables, metadata)
     leaves = jax.tree.leaves(variables)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from flaxresnet import trees
 from flaxresnet.errors import UserError
 from flaxresnet.models import KERAS_BN_EPSILON, LEGACY_BN_EPSILON, STAGE_BLOCKS
 
@@ -137,23 +138,20 @@ def fill(expected: dict[str, Any], layers: dict[str, list[np.ndarray]]) -> dict[
     Raises UserError listing the first few problems by layer name.
     """
     params, stats = expected["params"], expected.get("batch_stats", {})
+    found = trees.problems(params, layers, depth=1, unit="layer ")
     out: dict[str, dict[str, Any]] = {"params": {}, "batch_stats": {}}
-    problems = [f"missing layer {name}" for name in params if name not in layers]
-    problems += [f"unexpected layer {name}" for name in layers if name not in params]
     for name in (n for n in params if n in layers):
         arrays = layers[name]
         targets = BATCH_NORM if name in stats else KERNEL_BIAS
         if len(arrays) != len(targets):
-            problems.append(f"{name}: {len(arrays)} weights, expected {len(targets)}")
+            found.append(f"{name}: {len(arrays)} weights, expected {len(targets)}")
             continue
         for (_, collection, leaf), array in zip(targets, arrays):
-            want = (params if collection == "params" else stats)[name][leaf].shape
-            if array.shape != want:
-                problems.append(f"{name}/{leaf}: shape {array.shape}, expected {want}")
             out[collection].setdefault(name, {})[leaf] = np.asarray(array, np.float32)
-    if problems:
-        raise UserError(f"{len(problems)} weight problem(s): {'; '.join(problems[:5])}"
-                        f"{'; ...' if len(problems) > 5 else ''}")
+    filled = {collection: {name: expected[collection][name] for name in tree} for collection, tree in out.items()}
+    found += trees.problems(filled, out)
+    if found:
+        raise UserError(f"the file's weights do not fill a ResNet: {trees.summary(found)}")
     return out
 
 
@@ -167,11 +165,10 @@ def keras_weights(variables: dict[str, Any]) -> list[tuple[str, list[tuple[str, 
     counts = Counter({"Conv2D": sum(name.endswith("_conv") for name in params),
                       "Dense": int("predictions" in params)})
     order = [name for _, name in keras_layer_order(counts)]
-    missing, unexpected = sorted(set(order) - set(params)), sorted(set(params) - set(order))
-    if missing or unexpected or not order:
-        problems = [f"missing layer {n}" for n in missing] + [f"unexpected layer {n}" for n in unexpected]
-        raise UserError(f"the variables are not those of a ResNet50/101/152: "
-                        f"{'; '.join(problems[:5]) or 'no layers'}{'; ...' if len(problems) > 5 else ''}")
+    if not order:
+        raise UserError("the variables are not those of a ResNet50/101/152: no layers")
+    trees.check(dict.fromkeys(order), params, "the variables are not those of a ResNet50/101/152",
+                "export a file converted or trained with flaxresnet", depth=1, unit="layer ")
     return [(name, layer_arrays(variables, name)) for name in order]
 
 

@@ -1,105 +1,141 @@
 """The one typed configuration of a fine-tuning run, shared by train.py, the training library and the tests.
 
-Flat and JSON round-trippable (`to_dict` / `from_dict`), so a run's config is saved beside its checkpoints.
-Invalid values raise UserError when the Config is built, before any device work starts.
+Every option is declared once, as a Config field made by `option`: its type (the annotation), default, help
+and check live there, and everything else reads them: train.py builds its flags from the fields, the
+training loop saves `to_dict()` beside its checkpoints and compares the fields on resume (all but those marked
+`resumable`), and `train_lib.build_classifier` takes every Classifier attribute of the same name, so the saved
+classifier's metadata and its Keras export carry it too. Invalid values raise UserError when the Config is
+built, before any device work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flaxresnet import augment as augment_lib
+from flaxresnet import data, freeze
 from flaxresnet.errors import UserError
 from flaxresnet.models import HEADS, STAGE_BLOCKS
 
 SCHEDULES = ("constant", "cosine")
 UPSAMPLE_METHODS = ("nearest", "bilinear")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")
+
+Check = Callable[[Any], str | None]
+
+
+def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, check: Check | None = None,
+           metavar: str | None = None, resumable: bool = False, required: bool = False,
+           derived: bool = False) -> Any:
+    """A Config field: `help` (ending in its own '(default: ...)' where the plain default would mislead),
+    `choices` or a `check` returning what is wrong with a value (None if nothing), the command line's
+    `metavar`; `resumable`: may change when a stopped run is resumed (it does not change the numbers);
+    `required`: the command line must give it; `derived`: set by the run itself (no flag, not compared)."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "choices": choices, "check": check, "metavar": metavar, "resumable": resumable,
+        "required": required, "derived": derived})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a Config field: 'batch_size' -> '--batch-size'."""
+    return "--" + name.replace("_", "-")
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be positive, got {value}"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else f"must not be negative, got {value}"
+
+
+def _positive_or_none(value: float | None) -> str | None:
+    return None if value is None else _positive(value)
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0.0 <= value < 1.0 else f"must lie in [0, 1), got {value}"
+
+
+def _augmentations(names: tuple[str, ...]) -> str | None:
+    unknown = [a for a in names if a not in augment_lib.AUGMENTATIONS]
+    return (f"has unknown augmentation(s) {', '.join(unknown)}: choose from {', '.join(augment_lib.AUGMENTATIONS)}"
+            if unknown else None)
+
+
+def _dtype(name: str) -> str | None:
+    return ("float16 is not offered: training in it needs loss scaling, which flaxresnet does not do; use "
+            "bfloat16, the mixed-precision dtype of GPUs and TPUs" if name == "float16" else None)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Fine-tuning settings; the defaults are the seed recipe (CIFAR-100, frozen convs, Adam 1e-3).
+    """Fine-tuning settings; the defaults are the seed recipe (CIFAR-100, frozen convs, Adam 1e-3). Each field's
+    help says what it means."""
 
-    Attributes:
-      num_classes: classifier width.
-      image_size: side the (e.g. 32 px) images are upsampled to on device; the seed used 256 (three
-        UpSampling2D(2) layers on 32 px).
-      upsample: 'nearest' (Keras UpSampling2D) or 'bilinear'.
-      head, hidden, dropout: 'seed' (GAP -> Dense(hidden, relu) -> Dropout -> BN -> Dense) or 'linear' (GAP ->
-        Dense); hidden width and dropout rate of the seed head.
-      freeze: 'convs', 'none', 'backbone', 'stages:N' or a regex over '/'-joined parameter paths (freeze.py).
-      augment: names from augment.AUGMENTATIONS, applied in this order on the preprocessed native-size image.
-      cutout_size: side in pixels of the cutout square.
-      learning_rate: peak learning rate of Adam (Keras defaults otherwise: betas 0.9/0.999, epsilon 1e-7).
-      schedule: 'constant' or 'cosine' (to zero at the last step), after `warmup` linear warmup steps.
-      weight_decay: decoupled (AdamW-style, scaled by the learning rate) on kernels only, not BN or biases.
-      label_smoothing: mass spread uniformly over the classes in the cross-entropy targets.
-      clip_norm: clip gradients to this global norm (over trainable parameters); None disables clipping.
-      dtype: compute dtype; parameters, BN statistics and the loss stay float32.
-      batch_size: global batch size, split evenly over all devices.
-      depth: ResNet depth of a backbone initialised from scratch (a converted backbone brings its own).
-      seed: the one root of all randomness (initialisation, augmentation, dropout).
-      backbone_weights: a converted backbone file (`python -m convert keras_to_flax`); None trains from scratch.
-      dataset, data_dir: a data.load_dataset spec and the tfds data folder (None: tfds' default); `seed` also
-        fixes the data order and any split-off validation part.
-      epochs: training epochs in all (a resumed run continues up to it).
-      eval_every: evaluate on the validation split every this many epochs, and after the last.
-      workdir: folder of metrics, plots, checkpoints and final.msgpack (loop.py); None: a new timestamped one.
-    """
-
-    num_classes: int = 100
-    image_size: int | None = 256
-    upsample: str = "nearest"
-    head: str = "seed"
-    hidden: int = 256
-    dropout: float = 0.25
-    freeze: str = "convs"
-    augment: tuple[str, ...] = ("random-erasing",)
-    cutout_size: int = 8
-    learning_rate: float = 1e-3
-    schedule: str = "constant"
-    warmup: int = 0
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    clip_norm: float | None = None
-    dtype: str = "float32"
-    batch_size: int = 64
-    depth: int = 50
-    seed: int = 0
-    backbone_weights: str | None = None
-    dataset: str = "cifar100"
-    data_dir: str | None = None
-    epochs: int = 15
-    eval_every: int = 1
-    workdir: str | None = None
+    num_classes: int = option(100, "classifier width (set from the dataset)", check=_positive, derived=True)
+    image_size: int | None = option(
+        256, "side the images are upsampled to on device, or 'none' to keep their size; folder datasets are also "
+             "resized to it when read (the seed: 256, three UpSampling2D(2) on 32 px)",
+        check=_positive_or_none, metavar="PX")
+    upsample: str = option("nearest", "'nearest' (Keras UpSampling2D, a whole factor) or 'bilinear'",
+                           choices=UPSAMPLE_METHODS)
+    head: str = option("seed", "seed: GAP -> Dense(hidden, relu) -> Dropout -> BN -> Dense; linear: GAP -> Dense",
+                       choices=HEADS)
+    hidden: int = option(256, "hidden width of the seed head", check=_positive, metavar="N")
+    dropout: float = option(0.25, "dropout rate of the seed head", check=_fraction, metavar="RATE")
+    freeze: str = option("convs", f"{', '.join(freeze.PRESETS)}, stages:N or a regex over '/'-joined parameter "
+                                  f"paths (freeze.py)", metavar="SPEC")
+    augment: tuple[str, ...] = option(
+        ("random-erasing",), f"comma-separated, applied in this order on the preprocessed native-size image, "
+                             f"from {', '.join(augment_lib.AUGMENTATIONS)}; or 'none'",
+        check=_augmentations, metavar="NAMES")
+    cutout_size: int = option(8, "side in pixels of the cutout square", check=_positive, metavar="PX")
+    learning_rate: float = option(1e-3, "(peak) learning rate of Adam (Keras defaults otherwise: betas "
+                                        "0.9/0.999, epsilon 1e-7)", check=_positive, metavar="LR")
+    schedule: str = option("constant", "learning rate after warmup: constant, or cosine decay to zero at the "
+                                       "last step", choices=SCHEDULES)
+    warmup: int = option(0, "linear warmup steps", check=_non_negative, metavar="STEPS")
+    weight_decay: float = option(0.0, "decoupled (AdamW-style, scaled by the learning rate) weight decay on "
+                                      "kernels only, not BN or biases", check=_non_negative, metavar="W")
+    label_smoothing: float = option(0.0, "mass spread uniformly over the classes in the cross-entropy targets",
+                                    check=_fraction, metavar="E")
+    clip_norm: float | None = option(None, "clip gradients to this global norm over the trainable parameters "
+                                           "(default: no clipping)", check=_positive_or_none, metavar="NORM")
+    dtype: str = option("float32", "compute dtype; parameters, BN statistics and the loss stay float32",
+                        check=_dtype, choices=DTYPES)
+    batch_size: int = option(64, "global batch size, split evenly over all devices", check=_positive, metavar="N")
+    depth: int = option(50, "ResNet depth when training from scratch; a weights file brings its own",
+                        choices=tuple(STAGE_BLOCKS))
+    seed: int = option(0, "the one root of all randomness: initialisation, data order, any split-off "
+                          "validation part, augmentation and dropout", metavar="N")
+    backbone_weights: str | None = option(
+        None, "a backbone converted with `python -m convert keras_to_flax`, or 'none' to train from scratch",
+        metavar="FILE|none", required=True)
+    dataset: str = option("cifar100", data.SPEC_FORMS, metavar="SPEC")
+    data_dir: str | None = option(None, "tfds data folder (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)",
+                                  resumable=True)
+    epochs: int = option(15, "training epochs in all (a resumed run continues up to it)", check=_positive,
+                         metavar="N", resumable=True)
+    eval_every: int = option(1, "evaluate on the validation split every N epochs and after the last",
+                             check=_positive, metavar="N", resumable=True)
+    workdir: str | None = option(
+        None, "folder of metrics, plots, checkpoints and final.msgpack; rerunning with the same one resumes a "
+              "stopped run (default: a new runs/<dataset>-<date>-<time> each time, printed at the start)",
+        resumable=True)
 
     def __post_init__(self) -> None:
         # A list from JSON or a command line becomes a tuple, keeping the config hashable.
         object.__setattr__(self, "augment", tuple(self.augment))
-        choices = {"upsample": UPSAMPLE_METHODS, "head": HEADS, "schedule": SCHEDULES, "dtype": DTYPES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        unknown = [a for a in self.augment if a not in augment_lib.AUGMENTATIONS]
-        if unknown:
-            raise UserError(f"unknown augmentation(s) {', '.join(unknown)}: choose from "
-                            f"{', '.join(augment_lib.AUGMENTATIONS)}")
-        if self.num_classes < 1 or self.batch_size < 1 or self.hidden < 1 or self.cutout_size < 1:
-            raise UserError("num_classes, batch_size, hidden and cutout_size must be positive integers")
-        if self.image_size is not None and self.image_size < 1:
-            raise UserError(f"image_size must be a positive number of pixels (or None), got {self.image_size}")
-        if self.depth not in STAGE_BLOCKS:
-            raise UserError(f"depth {self.depth} is not one of {', '.join(map(str, STAGE_BLOCKS))}")
-        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
-            raise UserError("dropout and label_smoothing must lie in [0, 1)")
-        if self.learning_rate <= 0 or self.weight_decay < 0 or self.warmup < 0:
-            raise UserError("learning_rate must be positive; weight_decay and warmup non-negative")
-        if self.clip_norm is not None and self.clip_norm <= 0:
-            raise UserError("clip_norm must be positive (or None to disable clipping)")
-        if self.epochs < 1 or self.eval_every < 1:
-            raise UserError(f"epochs and eval_every must be positive, got {self.epochs} and {self.eval_every}")
+        for field in dataclasses.fields(self):
+            value, check, choices = getattr(self, field.name), field.metadata["check"], field.metadata["choices"]
+            problem = check(value) if check is not None else None
+            if problem is None and choices is not None and value not in choices:
+                problem = f"{value!r} is not one of {', '.join(map(str, choices))}"
+            if problem is not None:
+                raise UserError(f"{field.name} {problem}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field (tuples become lists)."""

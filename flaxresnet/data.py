@@ -260,7 +260,7 @@ def num_train_steps(split: Split, batch_size: int) -> int:
     """Full batches in one training epoch (the last partial batch is dropped); UserError if there are none."""
     if batch_size < 1 or len(split) < batch_size:
         raise UserError(f"batch size {batch_size} does not fit the {len(split)} training examples: choose a "
-                        f"--batch-size between 1 and {len(split)}")
+                        f"batch size between 1 and {len(split)}")
     return len(split) // batch_size
 
 
@@ -291,7 +291,7 @@ def shard(batch: Batch, num_devices: int) -> Batch:
     """Reshape each array from (B, ...) to (num_devices, B // num_devices, ...); UserError if B does not divide."""
     size = len(next(iter(batch.values())))
     if size % num_devices:
-        raise UserError(f"batch size {size} does not divide over {num_devices} devices: choose a --batch-size "
+        raise UserError(f"batch size {size} does not divide over {num_devices} devices: choose a batch size "
                         f"that is a multiple of {num_devices}")
     return {k: v.reshape(num_devices, size // num_devices, *v.shape[1:]) for k, v in batch.items()}
 

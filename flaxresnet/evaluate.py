@@ -2,8 +2,8 @@
 accuracy and loss on a dataset split, and a confusion-matrix PNG for up to 100 classes.
 
 The numbers are the engine's `eval_step` sums over `data.eval_batches` (every example once, the last batch
-padded and masked), pmapped over the local devices. `evaluate` is the one evaluation loop: the training loop
-calls it every epoch, so with the run's own dataset, seed and batch size (the defaults, read from the file's
+padded and masked), pmapped over the local devices. `loop.evaluate` is the one evaluation loop: the training
+loop calls it every epoch, so with the run's own dataset, seed and batch size (the defaults, read from the file's
 metadata) the command reproduces the run's final validation numbers exactly.
 """
 
@@ -12,73 +12,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from matplotlib.figure import Figure
 
-from flaxresnet import data, train_lib, weights_file
-from flaxresnet.config import Config
+from flaxresnet import data, loop, train_lib, weights_file
 from flaxresnet.errors import UserError, run_command
 from flaxresnet.models import Classifier
-from flaxresnet.predict import input_size
 
 DEFAULT_BATCH_SIZE = 64
 MAX_CONFUSION_CLASSES = 100
 # Up to this many classes the confusion matrix's axes carry class names, beyond it every 10th index.
 MAX_NAMED_TICKS = 30
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Means over a split's examples (`top5` None below 5 classes) and each example's top-1 class, in order."""
-
-    loss: float
-    accuracy: float
-    top5: float | None
-    count: int
-    predictions: np.ndarray
-
-
-def _eval_and_predict(state: train_lib.TrainState, batch: train_lib.Batch) -> tuple[train_lib.Metrics, jax.Array]:
-    """The engine's `eval_step` sums plus each example's top-1 class; XLA shares the one forward pass."""
-    logits = state.model.apply(state.variables(), batch["image"], train=False)
-    return train_lib.eval_step(state, batch), jnp.argmax(logits, -1)
-
-
-_p_eval_and_predict = jax.pmap(_eval_and_predict, axis_name=train_lib.AXIS)
-# One instance, so that eval-only states of equal models hit the compiled step's cache.
-_NO_OPTIMIZER = optax.identity()
-
-
-def eval_state(model: Classifier, variables: dict[str, Any]) -> train_lib.TrainState:
-    """A replicated TrainState holding just what `eval_step` reads (model and variables): no optimizer."""
-    state = train_lib.TrainState(step=jnp.zeros([], jnp.int32), params=variables["params"],
-                                 batch_stats=variables["batch_stats"], opt_state=optax.EmptyState(),
-                                 model=model, tx=_NO_OPTIMIZER, config=Config(num_classes=model.num_classes))
-    return train_lib.replicate(state)
-
-
-def evaluate(state: train_lib.TrainState, split: data.Split, batch_size: int) -> Evaluation:
-    """Evaluate a replicated state (a training loop's own, or `eval_state`'s) on every example of `split`
-    once, in global batches of `batch_size`."""
-    if not len(split):
-        raise UserError("the split to evaluate on has no examples")
-    sums, predictions = [], []
-    for batch in data.prefetch_to_device(data.eval_batches(split, batch_size)):
-        batch_sums, batch_predictions = _p_eval_and_predict(state, batch)
-        sums.append(jax.tree.map(lambda x: x[0], batch_sums))  # psum: every device holds the global sums
-        predictions.append(batch_predictions.reshape(-1))
-    totals = {k: float(np.sum([np.asarray(s[k], np.float64) for s in sums])) for k in sums[0]}
-    count = int(totals["count"])
-    return Evaluation(loss=totals["loss"] / count, accuracy=totals["accuracy"] / count,
-                      top5=totals["top5"] / count if "top5" in totals else None, count=count,
-                      predictions=np.concatenate(jax.device_get(predictions))[:len(split)])
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -126,7 +72,7 @@ def run(weights: str, dataset: str | None = None, data_dir: str | None = None, s
     batch_size = run_config.get("batch_size", DEFAULT_BATCH_SIZE) if batch_size is None else batch_size
     # The run's own seed splits off the same validation part of a folder or digits dataset.
     seed = run_config.get("seed", 0) if seed is None else seed
-    height, width = input_size(model, metadata)
+    height, width = weights_file.input_size(model, metadata)
     ds = data.load_dataset(dataset, data_dir, seed=seed, image_size=height)
     if ds.num_classes != model.num_classes:
         raise UserError(f"dataset {dataset} has {ds.num_classes} classes, the classifier {model.num_classes}: "
@@ -135,7 +81,7 @@ def run(weights: str, dataset: str | None = None, data_dir: str | None = None, s
     if "image_shape" in metadata and examples.images.shape[1:3] != (height, width):
         raise UserError(f"dataset {dataset} has {examples.images.shape[1]}x{examples.images.shape[2]} images, "
                         f"the classifier was trained on {height}x{width}: evaluate it on its own dataset")
-    result = evaluate(eval_state(model, variables), examples, batch_size)
+    result = loop.evaluate(model, train_lib.replicate(variables), examples, batch_size)
     top5 = f", top-5 {result.top5:.2%}" if result.top5 is not None else ""
     lines = [f"{Path(weights).name} on {dataset} {split} ({result.count} examples): top-1 {result.accuracy:.2%}"
              f"{top5}, loss {result.loss:.4f} ({time.perf_counter() - start:.1f} s)"]

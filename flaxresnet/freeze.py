@@ -1,4 +1,4 @@
-"""Which parameters train: freeze specs -> per-leaf labels -> trainable/frozen split; parameter-count table.
+"""Which parameters train: freeze specs -> the set of frozen paths -> trainable/frozen split; parameter counts.
 
 A spec is a preset or a regex searched in each parameter's '/'-joined path (e.g.
 'backbone/conv2_block1_1_conv/kernel', 'head/dense_1/bias'); matching leaves are frozen:
@@ -7,8 +7,8 @@ A spec is a preset or a regex searched in each parameter's '/'-joined path (e.g.
 - 'backbone': every backbone parameter, and the backbone's BN runs in inference mode (feature extraction);
 - 'stages:N' (N = 1..5): every parameter (convs and BN) of the stem (conv1, N = 1) and stages conv2..convN.
 Except for 'backbone', BatchNorm runs in training mode (batch statistics, moving statistics updated), as a
-Keras BN layer left trainable does. Labels feed `optax.partition` (optim.py); the split lets the train step
-differentiate with respect to trainable leaves only, so frozen weights never get a gradient computed.
+Keras BN layer left trainable does. The train step splits the parameters once: it differentiates and updates
+the trainable subtree only (frozen weights never get a gradient, nor optimizer state), then merges once.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from flax import traverse_util
 
 from flaxresnet.errors import UserError
 
-TRAINABLE = "trainable"
-FROZEN = "frozen"
 PRESETS: dict[str, str | None] = {
     "none": None,
     "convs": r"^backbone/[^/]+_conv/",
@@ -32,7 +30,6 @@ PRESETS: dict[str, str | None] = {
 _STAGES = re.compile(r"stages:(\d+)")
 
 Params = dict[str, Any]
-FlatParams = dict[tuple[str, ...], Any]
 
 
 def frozen_pattern(spec: str) -> re.Pattern[str] | None:
@@ -58,40 +55,42 @@ def backbone_bn_train(spec: str) -> bool:
     return spec != "backbone"
 
 
-def labels(params: Params, spec: str) -> Params:
-    """A tree like `params` with TRAINABLE or FROZEN at each leaf; UserError if a regex matches nothing."""
+def frozen_paths(params: Params, spec: str) -> frozenset[str]:
+    """The '/'-joined paths of the leaves `spec` freezes; UserError if a regex matches nothing. Computed once per
+    run: hashable, it is part of what the compiled train step is specialised to."""
     pattern = frozen_pattern(spec)
-    flat = traverse_util.flatten_dict(params, sep="/")
-    frozen = {path for path in flat if pattern is not None and pattern.search(path)}
-    if pattern is not None and not frozen:
+    if pattern is None:
+        return frozenset()
+    frozen = frozenset(path for path in traverse_util.flatten_dict(params, sep="/") if pattern.search(path))
+    if not frozen:
         raise UserError(f"freeze {spec!r} matches no parameter path (paths look like "
                         f"'backbone/conv1_conv/kernel' or 'head/dense/bias')")
-    return traverse_util.unflatten_dict({p: FROZEN if p in frozen else TRAINABLE for p in flat}, sep="/")
+    return frozen
 
 
-def split(params: Params, label_tree: Params) -> tuple[FlatParams, FlatParams]:
-    """(trainable, frozen) flat dicts {path tuple: leaf}; `merge` puts them back together."""
-    flat = traverse_util.flatten_dict(params)
-    flat_labels = traverse_util.flatten_dict(label_tree)
-    trainable = {k: v for k, v in flat.items() if flat_labels[k] == TRAINABLE}
-    frozen = {k: v for k, v in flat.items() if flat_labels[k] == FROZEN}
-    return trainable, frozen
+def split(params: Params, frozen: frozenset[str]) -> tuple[Params, Params]:
+    """(trainable, frozen) nested trees of the leaves whose paths are not / are in `frozen`; `merge` joins them."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    trainable = {path: leaf for path, leaf in flat.items() if path not in frozen}
+    return (traverse_util.unflatten_dict(trainable, sep="/"),
+            traverse_util.unflatten_dict({path: flat[path] for path in flat.keys() & frozen}, sep="/"))
 
 
-def merge(trainable: FlatParams, frozen: FlatParams) -> Params:
-    """The nested parameter tree of a `split`."""
-    return traverse_util.unflatten_dict({**trainable, **frozen})
+def merge(trainable: Params, frozen: Params) -> Params:
+    """The parameter tree of a `split`."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(trainable),
+                                         **traverse_util.flatten_dict(frozen)})
 
 
-def parameter_counts(variables: dict[str, Params], label_tree: Params) -> dict[str, int]:
+def parameter_counts(variables: dict[str, Params], frozen: frozenset[str]) -> dict[str, int]:
     """Trainable, frozen, BN-statistics and total counts; the total includes BN moving statistics, as Keras'
     `model.summary()` counts them (as non-trainable parameters)."""
-    trainable, frozen = split(variables["params"], label_tree)
+    trainable, frozen_params = split(variables["params"], frozen)
 
     def size(tree: Any) -> int:
         return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
-    counts = {"trainable": size(trainable), "frozen": size(frozen),
+    counts = {"trainable": size(trainable), "frozen": size(frozen_params),
               "bn_statistics": size(variables.get("batch_stats", {}))}
     counts["total"] = sum(counts.values())
     return counts

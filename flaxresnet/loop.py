@@ -27,25 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import msgpack
 import numpy as np
 from flax import serialization
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from tqdm import tqdm
 
-from flaxresnet import data, evaluate, freeze, train_lib, weights_file
-from flaxresnet.config import Config
+from flaxresnet import data, freeze, train_lib, trees, weights_file
+from flaxresnet.config import Config, flag
 from flaxresnet.errors import UserError
-from flaxresnet.models import ResNet
+from flaxresnet.models import Classifier, ResNet
 
 CHECKPOINT_FORMAT = "flaxresnet-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: Adam state for the trainable parameters only
 KEEP_CHECKPOINTS = 2
 # Host fetches of step metrics (for the progress bar and the non-finite check) happen every this many steps.
 FETCH_EVERY = 20
-# Fields that may change when a stopped run is resumed: they do not affect the numbers (the cosine schedule's
-# dependence on epochs is checked separately).
-RESUMABLE_CHANGES = ("workdir", "data_dir", "epochs", "eval_every")
 _CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)\.msgpack")
 
 Row = dict[str, Any]
@@ -67,6 +65,8 @@ def train_and_evaluate(config: Config) -> Row:
     if config.workdir is None:
         config = dataclasses.replace(config, workdir=default_workdir(config.dataset))
     workdir = Path(config.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"work folder {workdir} is a file, not a folder: choose another --workdir")
     backbone = load_backbone(config)
     resume = latest_checkpoint(workdir)
     if resume is not None:
@@ -93,10 +93,9 @@ def train_and_evaluate(config: Config) -> Row:
         state, history = new_state(), []
         print(f"work folder {workdir}: new run (rerun with --workdir {workdir} to resume it if stopped)")
     else:
-        state, history = restore_checkpoint(resume, jax.eval_shape(new_state))
+        state, history = restore_checkpoint(resume, jax.eval_shape(new_state)), resume.history
         print(f"work folder {workdir}: resuming after epoch {resume.epoch} from {resume.path.name}")
-    print(freeze.format_counts(freeze.parameter_counts(state.variables(),
-                                                       freeze.labels(state.params, config.freeze))))
+    print(freeze.format_counts(freeze.parameter_counts(state.variables(), state.settings.frozen)))
     _write_json(workdir / "config.json", config.to_dict())
     write_metrics(workdir, history)
 
@@ -106,7 +105,7 @@ def train_and_evaluate(config: Config) -> Row:
         state, row = train_epoch(state, ds.train, config, epoch, steps_per_epoch, train_key)
         img_per_s = steps_per_epoch * config.batch_size / (time.perf_counter() - start)
         if epoch % config.eval_every == 0 or epoch == config.epochs:
-            result = evaluate.evaluate(state, ds.validation, config.batch_size)
+            result = evaluate(state.model, state.variables(), ds.validation, config.batch_size)
             row.update(val_loss=result.loss, val_accuracy=result.accuracy)
             if result.top5 is not None:
                 row["val_top5"] = result.top5
@@ -119,8 +118,8 @@ def train_and_evaluate(config: Config) -> Row:
         print(format_row(row, config.epochs))
 
     train_lib.save_classifier(str(workdir / "final.msgpack"), train_lib.unreplicate(state),
-                              class_names=ds.class_names, image_shape=list(image_shape),
-                              dataset=config.dataset, metrics=history[-1])
+                              config=config.to_dict(), class_names=ds.class_names,
+                              image_shape=list(image_shape), dataset=config.dataset, metrics=history[-1])
     print(f"final classifier: {workdir / 'final.msgpack'}")
     return history[-1]
 
@@ -176,7 +175,8 @@ def train_epoch(state: train_lib.TrainState, split: data.Split, config: Config, 
             del pending[:count]
             bar.update(count * config.batch_size)
             bar.set_postfix(loss=f"{np.mean([m['loss'] for m in fetched]):.4f}",
-                            acc=f"{np.mean([m['accuracy'] for m in fetched]):.2%}")
+                            acc=f"{np.mean([m['accuracy'] for m in fetched]):.2%}",
+                            grad_norm=f"{fetched[-1]['grad_norm']:.3g}")
 
         for batch in batches:
             state, metrics = train_lib.p_train_step(state, batch, key)
@@ -187,6 +187,35 @@ def train_epoch(state: train_lib.TrainState, split: data.Split, config: Config, 
     means = {f"train_{k}": float(np.mean([m[k] for m in fetched])) for k in ("loss", "accuracy", "top5")
              if k in fetched[0]}
     return state, {"epoch": epoch, **means}
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """Means over a split's examples (`top5` None below 5 classes) and each example's top-1 class, in order."""
+
+    loss: float
+    accuracy: float
+    top5: float | None
+    count: int
+    predictions: np.ndarray
+
+
+def evaluate(model: Classifier, variables: dict[str, Any], split: data.Split, batch_size: int) -> Evaluation:
+    """Evaluate `model` with replicated `variables` (`train_lib.replicate`) on every example of `split` once, in
+    global batches of `batch_size`, with the engine's `p_eval_step`: the training loop's validation every
+    epoch and `python -m flaxresnet.evaluate` are this one function."""
+    if not len(split):
+        raise UserError("the split to evaluate on has no examples")
+    sums, predictions = [], []
+    for batch in data.prefetch_to_device(data.eval_batches(split, batch_size)):
+        batch_sums, batch_predictions = train_lib.p_eval_step(model, variables, batch)
+        sums.append(jax.tree.map(lambda x: x[0], batch_sums))  # psum: every device holds the global sums
+        predictions.append(batch_predictions.reshape(-1))
+    totals = {k: float(np.sum([np.asarray(s[k], np.float64) for s in sums])) for k in sums[0]}
+    count = int(totals["count"])
+    return Evaluation(loss=totals["loss"] / count, accuracy=totals["accuracy"] / count,
+                      top5=totals["top5"] / count if "top5" in totals else None, count=count,
+                      predictions=np.concatenate(jax.device_get(predictions))[:len(split)])
 
 
 def format_row(row: Row, epochs: int) -> str:
@@ -202,12 +231,13 @@ def format_row(row: Row, epochs: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint file read from the work folder: its epoch, config, and the raw msgpack contents."""
+    """A checkpoint file read from the work folder: its epoch, config, metrics history and the raw state."""
 
     path: Path
     epoch: int
     config: Config
-    contents: dict[str, Any]
+    history: list[Row]
+    state: dict[str, Any]
 
 
 def checkpoint_paths(workdir: Path) -> list[Path]:
@@ -227,23 +257,32 @@ def latest_checkpoint(workdir: Path) -> Checkpoint | None:
               else "delete it to start the run over")
     try:
         contents = serialization.msgpack_restore(path.read_bytes())
-        if contents["format"] != CHECKPOINT_FORMAT or contents["version"] != CHECKPOINT_VERSION:
-            raise ValueError(f"format {contents['format']} version {contents['version']}")
-        config = Config.from_dict(json.loads(contents["config"]))
-        epoch = int(contents["epoch"])
-    except Exception as e:  # msgpack, JSON and missing keys raise many unrelated types
+    except (ValueError, msgpack.UnpackException) as e:  # truncated or foreign bytes
         raise UserError(f"checkpoint {path} is corrupt or not a flaxresnet checkpoint ({type(e).__name__}): "
-                        f"{advice}, or use a fresh --workdir") from None
-    return Checkpoint(path, epoch, config, contents)
+                        f"{advice}, or use a fresh --workdir") from e
+    if not isinstance(contents, dict) or contents.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {path} is corrupt or not a flaxresnet checkpoint (no format "
+                        f"{CHECKPOINT_FORMAT!r}): {advice}, or use a fresh --workdir")
+    if contents.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"checkpoint {path} has version {contents.get('version')}, this flaxresnet resumes "
+                        f"version {CHECKPOINT_VERSION}: {advice}, or use a fresh --workdir")
+    try:
+        if not isinstance(contents["state"], dict):
+            raise TypeError(f"state is a {type(contents['state']).__name__}")
+        return Checkpoint(path, int(contents["epoch"]), Config.from_dict(json.loads(contents["config"])),
+                          json.loads(contents["history"]), contents["state"])
+    except (KeyError, TypeError, ValueError, UserError) as e:  # a missing entry, bad JSON, an unknown setting
+        raise UserError(f"checkpoint {path} is corrupt or not a flaxresnet checkpoint ({type(e).__name__}: "
+                        f"{e}): {advice}, or use a fresh --workdir") from e
 
 
 def check_resumable(checkpoint: Checkpoint, config: Config) -> None:
-    """UserError unless `config` continues the checkpoint's run: equal settings (but RESUMABLE_CHANGES and
-    num_classes, which the dataset sets) and enough epochs."""
+    """UserError unless `config` continues the checkpoint's run: equal settings (but those the Config marks
+    resumable or derived) and enough epochs (the cosine schedule's dependence on epochs is checked here)."""
     saved = checkpoint.config
-    changed = [f"--{f.name.replace('_', '-')} {getattr(saved, f.name)} -> {getattr(config, f.name)}"
+    changed = [f"{flag(f.name)} {getattr(saved, f.name)} -> {getattr(config, f.name)}"
                for f in dataclasses.fields(Config)
-               if f.name not in (*RESUMABLE_CHANGES, "num_classes")
+               if not (f.metadata["resumable"] or f.metadata["derived"])
                and getattr(saved, f.name) != getattr(config, f.name)]
     fresh = "or use a fresh --workdir"
     if changed:
@@ -273,24 +312,13 @@ def save_checkpoint(workdir: Path, state: train_lib.TrainState, config: Config, 
         old.unlink()
 
 
-def restore_checkpoint(checkpoint: Checkpoint,
-                       target: train_lib.TrainState) -> tuple[train_lib.TrainState, list[Row]]:
-    """The (unreplicated) state and metrics history saved in `checkpoint`; `target` gives the state's
-    structure, shapes and dtypes (e.g. `jax.eval_shape` of creating it). UserError if they do not match."""
-    try:
-        state = serialization.from_state_dict(target, checkpoint.contents["state"])
-        history = json.loads(checkpoint.contents["history"])
-    except Exception as e:  # flax raises ValueError or KeyError for a different tree, JSON its own
-        raise UserError(f"checkpoint {checkpoint.path} does not fit this run ({type(e).__name__}): delete it "
-                        f"or use a fresh --workdir") from None
-    wrong = [jax.tree_util.keystr(path) for (path, want), got in zip(
-        jax.tree_util.tree_leaves_with_path(target), jax.tree.leaves(state))
-        if np.shape(got) != want.shape or np.asarray(got).dtype != want.dtype]
-    if wrong:
-        raise UserError(f"checkpoint {checkpoint.path} does not fit this run (shape or dtype of "
-                        f"{', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}): delete it or use a fresh "
-                        f"--workdir")
-    return state, history
+def restore_checkpoint(checkpoint: Checkpoint, target: train_lib.TrainState) -> train_lib.TrainState:
+    """The (unreplicated) state saved in `checkpoint`; `target` gives the state's structure, shapes and dtypes
+    (e.g. `jax.eval_shape` of creating it). UserError naming what does not match."""
+    trees.check(serialization.to_state_dict(target), checkpoint.state,
+                f"checkpoint {checkpoint.path} does not fit this run", "delete it or use a fresh --workdir",
+                dtypes=True)
+    return serialization.from_state_dict(target, checkpoint.state)
 
 
 def write_metrics(workdir: Path, history: list[Row]) -> None:

@@ -7,6 +7,7 @@ worlds. Padding is explicit, as Keras' ZeroPadding2D layers do it: Flax 'SAME' d
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -247,10 +248,10 @@ class Classifier(nn.Module):
                              axis_name=self.axis_name, dtype=dtype, name="head")
 
     def metadata(self) -> dict[str, Any]:
-        """The weights-file `model` entry ({'kind', 'config'}) that rebuilds this classifier."""
-        config = {name: getattr(self, name) for name in (
-            "num_classes", "depth", "bn_epsilon", "pool1_pad", "head", "hidden", "dropout", "image_size",
-            "upsample", "backbone_bn_train", "dtype")}
+        """The weights-file `model` entry ({'kind', 'config'}) that rebuilds this classifier: every attribute but
+        the pmap axis (and Flax's parent and name), so a new attribute is saved without a further edit."""
+        config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("axis_name", "parent", "name")}
         return {"kind": "classifier", "config": config}
 
     def features(self, images: jnp.ndarray, train: bool = False,

@@ -1,4 +1,4 @@
-"""The optimizer: Keras-exact Adam, warmup + cosine schedule, decoupled weight decay, clipping, freezing.
+"""The optimizer: Keras-exact Adam, warmup + cosine schedule, decoupled weight decay, clipping.
 
 Keras' Adam puts epsilon on the uncorrected sqrt(v) and folds the bias corrections into the step size;
 optax's `scale_by_adam` adds epsilon after bias correction. The two differ most in the first steps (Keras'
@@ -8,13 +8,13 @@ Keras' formula literally to reproduce Keras training.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from flaxresnet import freeze
 from flaxresnet.config import Config
 from flaxresnet.errors import UserError
 
@@ -55,19 +55,42 @@ def scale_by_keras_adam(b1: float = KERAS_ADAM_B1, b2: float = KERAS_ADAM_B2,
     return optax.GradientTransformation(init, update)
 
 
-def learning_rate_schedule(config: Config, total_steps: int | None = None) -> optax.Schedule:
-    """Linear warmup over `config.warmup` steps to `config.learning_rate`, then constant or cosine to zero
-    at `total_steps` (required for 'cosine')."""
-    peak = config.learning_rate
-    if config.schedule == "cosine":
-        if total_steps is None or total_steps <= config.warmup:
+@dataclass(frozen=True)
+class Settings:
+    """What the optimizer computes with: hashable, so that it is part of the compiled step's identity.
+
+    `total_steps` is the cosine schedule's length, None for a constant schedule (whose run length then never
+    recompiles the step).
+    """
+
+    learning_rate: float
+    schedule: str = "constant"
+    warmup: int = 0
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+    total_steps: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, total_steps: int | None = None) -> Settings:
+        """The optimizer settings of `config`; `total_steps` is kept for the cosine schedule only."""
+        return cls(learning_rate=config.learning_rate, schedule=config.schedule, warmup=config.warmup,
+                   weight_decay=config.weight_decay, clip_norm=config.clip_norm,
+                   total_steps=total_steps if config.schedule == "cosine" else None)
+
+
+def learning_rate_schedule(settings: Settings) -> optax.Schedule:
+    """Linear warmup over `warmup` steps to `learning_rate`, then constant or cosine to zero at `total_steps`
+    (required for 'cosine')."""
+    peak, warmup = settings.learning_rate, settings.warmup
+    if settings.schedule == "cosine":
+        if settings.total_steps is None or settings.total_steps <= warmup:
             raise UserError(f"the cosine schedule needs the total number of steps, more than warmup "
-                            f"({config.warmup}); got {total_steps}")
-        return optax.warmup_cosine_decay_schedule(0.0, peak, config.warmup, total_steps, end_value=0.0)
-    if config.warmup == 0:
+                            f"({warmup}); got {settings.total_steps}")
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, settings.total_steps, end_value=0.0)
+    if warmup == 0:
         return optax.constant_schedule(peak)
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, config.warmup), optax.constant_schedule(peak)],
-                                [config.warmup])
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
+                                [warmup])
 
 
 def decay_mask(params: optax.Params) -> Any:
@@ -75,15 +98,14 @@ def decay_mask(params: optax.Params) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
-def make_optimizer(config: Config, label_tree: Any, total_steps: int | None = None) -> optax.GradientTransformation:
-    """Clip -> Keras Adam -> decoupled weight decay -> learning rate on trainable leaves; frozen leaves get
-    `optax.set_to_zero()`: zero updates and no optimizer state."""
+def make_optimizer(settings: Settings) -> optax.GradientTransformation:
+    """Clip -> Keras Adam -> decoupled weight decay -> learning rate, for the trainable parameters (the train
+    step never hands it frozen ones: they get neither updates nor optimizer state)."""
     chain = []
-    if config.clip_norm is not None:
-        chain.append(optax.clip_by_global_norm(config.clip_norm))
+    if settings.clip_norm is not None:
+        chain.append(optax.clip_by_global_norm(settings.clip_norm))
     chain.append(scale_by_keras_adam())
-    if config.weight_decay:
-        chain.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
-    chain.append(optax.scale_by_learning_rate(learning_rate_schedule(config, total_steps)))
-    return optax.partition({freeze.TRAINABLE: optax.chain(*chain), freeze.FROZEN: optax.set_to_zero()},
-                           label_tree)
+    if settings.weight_decay:
+        chain.append(optax.add_decayed_weights(settings.weight_decay, mask=decay_mask))
+    chain.append(optax.scale_by_learning_rate(learning_rate_schedule(settings)))
+    return optax.chain(*chain)

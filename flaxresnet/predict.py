@@ -33,8 +33,6 @@ from flaxresnet.preprocess import preprocess_input
 TOP_K = 5
 BATCH_SIZE = 16
 IMAGENET_CLASSES = 1000
-# Keras' ResNet ImageNet input size, for files whose metadata does not say.
-IMAGENET_SIZE = 224
 
 
 def imagenet_class_names() -> list[str]:
@@ -52,20 +50,6 @@ def class_names(model: nn.Module, metadata: dict[str, Any]) -> list[str] | None:
                             f"classifier: the file is inconsistent; save or convert it again")
         return list(names)
     return imagenet_class_names() if model.num_classes == IMAGENET_CLASSES else None
-
-
-def input_size(model: nn.Module, metadata: dict[str, Any]) -> tuple[int, int]:
-    """(height, width) of the raw images the model is fed: a classifier's training images' native size (it
-    upsamples them itself), else the ImageNet size the file records (224)."""
-    if isinstance(model, ResNet):
-        size = metadata.get("image_size", IMAGENET_SIZE)
-        return size, size
-    if "image_shape" in metadata:
-        return tuple(metadata["image_shape"][:2])
-    if model.image_size is not None:  # no native size recorded: feed images at the upsampled size
-        return model.image_size, model.image_size
-    raise UserError("the file does not record the image size its classifier was trained on (metadata "
-                    "'image_shape'): save it again with train.py")
 
 
 def check_predicts(model: nn.Module, path: str | Path) -> None:
@@ -116,7 +100,7 @@ def predict(weights: str, images: list[str], k: int = TOP_K) -> str:
     model = weights_file.build_model(metadata)
     check_predicts(model, weights)
     names = class_names(model, metadata)
-    probs = probabilities(model, variables, load_images(images, input_size(model, metadata)))
+    probs = probabilities(model, variables, load_images(images, weights_file.input_size(model, metadata)))
     return "\n".join(format_top(path, p, names, k) for path, p in zip(images, probs))
 
 

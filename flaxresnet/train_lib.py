@@ -6,29 +6,32 @@ statistics over the global batch (the model's `axis_name`). Inside the step, on 
 preprocessing, augmentation, upsampling, forward, loss, gradients with respect to the trainable
 parameters only (frozen weights never get a gradient), the optimizer.
 
+What the step is compiled for is exactly what it computes with: the model and the `StepSettings` (optimizer
+settings, frozen paths, augmentation, label smoothing), the static part of a TrainState. Nothing else of a
+run's Config reaches it, so runs that differ in work folder, data folder, evaluation interval or (constant
+schedule) epochs share one compiled step.
+
 Randomness: one root key. Step t uses fold_in(root, t); augmentation keys are fold_in(that, global example
 index), so augmentations do not depend on the device count; dropout uses one key per device.
 
-Multi-host: call `jax.distributed.initialize()` (arguments or cluster auto-detection) in every process
-before any other JAX call, and give every process the same config and root key. Each process then feeds
-the step its own `batch_size / process_count` slice of the global batch, reshaped over its local devices
-(`data.shard(batch, jax.local_device_count())`); pmap's axis spans every device of every host, so the pmeans
-and BN statistics are global and `lax.axis_index` numbers examples globally. (Tested on one host only.)
+One host only: the training loop feeds the whole global batch from one process and writes every file from
+it. The step itself numbers examples by `lax.axis_index`, so a multi-host loop (`jax.distributed`, each
+process feeding its slice of the global batch, process 0 writing) could reuse it; that loop does not exist.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import jax_utils, struct, traverse_util
+from flax import jax_utils, struct
 
 from flaxresnet import augment as augment_lib
-from flaxresnet import freeze, optim, weights_file
+from flaxresnet import freeze, optim, trees, weights_file
 from flaxresnet.config import Config
 from flaxresnet.errors import UserError
 from flaxresnet.models import Classifier, ResNet
@@ -37,19 +40,43 @@ AXIS = "batch"
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
 Variables = dict[str, Any]
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What `train_step` computes with besides the model and the arrays; hashable (a static part of the
+    compiled step).
+
+    Attributes:
+      optimizer: the optimizer's settings (`optim.Settings`).
+      frozen: '/'-joined paths of the frozen parameters (`freeze.frozen_paths`, computed once).
+      augment, cutout_size: augmentation names in order, and the cutout side.
+      label_smoothing: mass spread uniformly over the classes in the cross-entropy targets.
+    """
+
+    optimizer: optim.Settings
+    frozen: frozenset[str]
+    augment: tuple[str, ...] = ()
+    cutout_size: int = 8
+    label_smoothing: float = 0.0
+
+    @property
+    def tx(self) -> optax.GradientTransformation:
+        """The optimizer of the trainable parameters."""
+        return optim.make_optimizer(self.optimizer)
 
 
 @struct.dataclass
 class TrainState:
-    """Everything a step changes (arrays), plus the static model, optimizer and config it needs."""
+    """Everything a step changes (arrays), plus the static model and step settings it computes with."""
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: optax.OptState
     model: Classifier = struct.field(pytree_node=False)
-    tx: optax.GradientTransformation = struct.field(pytree_node=False)
-    config: Config = struct.field(pytree_node=False)
+    settings: StepSettings = struct.field(pytree_node=False)
 
     def variables(self) -> Variables:
         """{'params', 'batch_stats'}: what a weights file stores and `model.apply` takes."""
@@ -57,14 +84,14 @@ class TrainState:
 
 
 def build_classifier(config: Config, backbone: ResNet | None = None) -> Classifier:
-    """The classifier a config describes; the backbone architecture comes from `backbone` (e.g. the module
-    `load_converted` returned) or, from scratch, is a ResNet{config.depth} with Keras defaults."""
-    arch = {"depth": config.depth} if backbone is None else {
+    """The classifier a config describes: every Classifier attribute the Config declares too is taken from it;
+    the backbone architecture comes from `backbone` (e.g. the module `load_converted` returned) or, from
+    scratch, is a ResNet{config.depth} with Keras defaults."""
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(Classifier) if hasattr(config, f.name)}
+    arch = {} if backbone is None else {
         "depth": backbone.depth, "bn_epsilon": backbone.bn_epsilon, "pool1_pad": backbone.pool1_pad}
-    return Classifier(num_classes=config.num_classes, head=config.head, hidden=config.hidden,
-                      dropout=config.dropout, image_size=config.image_size, upsample=config.upsample,
-                      backbone_bn_train=freeze.backbone_bn_train(config.freeze), axis_name=AXIS,
-                      dtype=config.dtype, **arch)
+    return Classifier(**{**shared, **arch}, backbone_bn_train=freeze.backbone_bn_train(config.freeze),
+                      axis_name=AXIS)
 
 
 def create_train_state(config: Config, rng: jax.Array, image_shape: tuple[int, int, int] = (32, 32, 3),
@@ -83,11 +110,14 @@ def create_train_state(config: Config, rng: jax.Array, image_shape: tuple[int, i
         variables = jax.jit(model.init)(rng, images)
     else:
         variables = _with_backbone(model, rng, images, backbone[1])
-    label_tree = freeze.labels(variables["params"], config.freeze)
-    tx = optim.make_optimizer(config, label_tree, total_steps)
+    settings = StepSettings(optimizer=optim.Settings.from_config(config, total_steps),
+                            frozen=freeze.frozen_paths(variables["params"], config.freeze),
+                            augment=config.augment, cutout_size=config.cutout_size,
+                            label_smoothing=config.label_smoothing)
+    trainable, _ = freeze.split(variables["params"], settings.frozen)
     return TrainState(step=jnp.zeros([], jnp.int32), params=variables["params"],
-                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                      model=model, tx=tx, config=config)
+                      batch_stats=variables["batch_stats"], opt_state=settings.tx.init(trainable),
+                      model=model, settings=settings)
 
 
 def _with_backbone(model: Classifier, rng: jax.Array, images: jax.Array, backbone: Variables) -> Variables:
@@ -97,16 +127,9 @@ def _with_backbone(model: Classifier, rng: jax.Array, images: jax.Array, backbon
     variables: Variables = {}
     for collection in ("params", "batch_stats"):
         given = {k: v for k, v in backbone.get(collection, {}).items() if k != "predictions"}
-        want = traverse_util.flatten_dict(expected[collection]["backbone"], sep="/")
-        got = traverse_util.flatten_dict(given, sep="/")
-        problems = ([f"missing {k}" for k in sorted(want.keys() - got.keys())]
-                    + [f"unexpected {k}" for k in sorted(got.keys() - want.keys())]
-                    + [f"{k}: shape {np.shape(got[k])}, expected {want[k].shape}"
-                       for k in sorted(want.keys() & got.keys()) if np.shape(got[k]) != want[k].shape])
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
-            raise UserError(f"backbone {collection} do not match the classifier's ResNet: {shown}; "
-                            f"convert the weights again or pick the matching depth")
+        trees.check(expected[collection]["backbone"], given,
+                    f"backbone {collection} do not match the classifier's ResNet",
+                    "convert the weights again or pick the matching depth")
         variables[collection] = {"backbone": jax.tree.map(jnp.asarray, given)}
     head = jax.jit(functools.partial(model.init, method=Classifier.classify))(
         rng, jnp.zeros((1, 1, 1, Classifier.FEATURES), jnp.float32))
@@ -145,30 +168,27 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainSt
     the global batch's mean loss (the training objective), accuracy, top5 and the global norm of the
     (averaged, unclipped) gradient of the trainable parameters.
     """
-    config = state.config
+    settings = state.settings
     device = jax.lax.axis_index(AXIS)
     local = batch["label"].shape[0]
     augment_key, dropout_key = jax.random.split(jax.random.fold_in(rng, state.step))
     example_keys = jax.vmap(functools.partial(jax.random.fold_in, augment_key))(device * local + jnp.arange(local))
-    augment = functools.partial(augment_lib.augment, keys=example_keys, names=config.augment,
-                                cutout_size=config.cutout_size) if config.augment else None
-    label_tree = freeze.labels(state.params, config.freeze)
-    trainable, frozen = freeze.split(state.params, label_tree)
+    augment = functools.partial(augment_lib.augment, keys=example_keys, names=settings.augment,
+                                cutout_size=settings.cutout_size) if settings.augment else None
+    trainable, frozen = freeze.split(state.params, settings.frozen)
 
-    def loss_fn(trainable: freeze.FlatParams) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+    def loss_fn(trainable: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
         variables = {"params": freeze.merge(trainable, frozen), "batch_stats": state.batch_stats}
         logits, updated = state.model.apply(variables, batch["image"], train=True, augment=augment,
                                             mutable=["batch_stats"],
                                             rngs={"dropout": jax.random.fold_in(dropout_key, device)})
-        loss = cross_entropy(logits, batch["label"], config.label_smoothing).mean()
+        loss = cross_entropy(logits, batch["label"], settings.label_smoothing).mean()
         return loss, (logits, updated["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grads = jax.lax.pmean(grads, AXIS)
-    full_grads = freeze.merge(grads, jax.tree.map(jnp.zeros_like, frozen))
-    updates, opt_state = state.tx.update(full_grads, state.opt_state, state.params)
-    trainable_updates, _ = freeze.split(updates, label_tree)
-    params = freeze.merge(optax.apply_updates(trainable, trainable_updates), frozen)
+    updates, opt_state = settings.tx.update(grads, state.opt_state, trainable)
+    params = freeze.merge(optax.apply_updates(trainable, updates), frozen)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                **{k: v.mean() for k, v in _hits(logits, batch["label"]).items()}}
     new_state = state.replace(step=state.step + 1, params=params,
@@ -176,38 +196,40 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainSt
     return new_state, jax.lax.pmean(metrics, AXIS)
 
 
-def eval_step(state: TrainState, batch: Batch) -> Metrics:
-    """Sums over the global batch of loss (unsmoothed cross-entropy), accuracy and top5, plus 'count'.
+def eval_step(model: Classifier, variables: Variables, batch: Batch) -> tuple[Metrics, jax.Array]:
+    """Sums over the global batch of loss (unsmoothed cross-entropy), accuracy and top5, plus 'count'; and
+    this device's examples' top-1 classes, from the one forward pass.
 
     `batch` is as for `train_step` plus an optional 'mask' (B,) that zeroes padding examples, so a padded
     last batch counts every real example exactly once. No augmentation, BN on moving statistics.
     """
-    logits = state.model.apply(state.variables(), batch["image"], train=False)
+    logits = model.apply(variables, batch["image"], train=False)
     mask = batch.get("mask", jnp.ones(batch["label"].shape)).astype(jnp.float32)
     per_example = {"loss": cross_entropy(logits, batch["label"]), **_hits(logits, batch["label"])}
     sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
-    return jax.lax.psum({**sums, "count": jnp.sum(mask)}, AXIS)
+    return jax.lax.psum({**sums, "count": jnp.sum(mask)}, AXIS), jnp.argmax(logits, -1)
 
 
-# The one place the steps are mapped over devices. The state is donated: its buffers are reused.
+# The one place the steps are mapped over devices. The state is donated: its buffers are reused. The model is
+# the eval step's static argument: equal models share one compilation.
 p_train_step = jax.pmap(train_step, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
-p_eval_step = jax.pmap(eval_step, axis_name=AXIS)
+p_eval_step = jax.pmap(eval_step, axis_name=AXIS, in_axes=(None, 0, 0), static_broadcasted_argnums=(0,))
 
 
-def replicate(state: TrainState) -> TrainState:
-    """One copy of `state` per local device, sharded exactly as `p_train_step` returns it (a mesh over the
-    pmap axis name), so that feeding its output back in does not compile the step a second time."""
-    return jax_utils.replicate(state, axis_name=AXIS)
+def replicate(tree: T) -> T:
+    """One copy of a state (or variables) per local device, sharded exactly as `p_train_step` returns it (a
+    mesh over the pmap axis name), so that feeding its output back in does not compile the step a second time."""
+    return jax_utils.replicate(tree, axis_name=AXIS)
 
 
-def unreplicate(state: TrainState) -> TrainState:
+def unreplicate(tree: T) -> T:
     """Device 0's copy of a replicated state (all copies are equal)."""
-    return jax_utils.unreplicate(state)
+    return jax_utils.unreplicate(tree)
 
 
 def save_classifier(path: str, state: TrainState, **metadata: Any) -> None:
     """Write an unreplicated state's variables as a weights file that `load_converted` rebuilds into the
-    classifier (logits from raw native-size images); `metadata` adds informative JSON-able entries."""
+    classifier (logits from raw native-size images); `metadata` adds informative JSON-able entries (the
+    training loop adds the run's `config`)."""
     variables = jax.device_get(state.variables())
-    weights_file.save(path, variables, {"model": state.model.metadata(), "config": state.config.to_dict(),
-                                        **metadata})
+    weights_file.save(path, variables, {"model": state.model.metadata(), **metadata})

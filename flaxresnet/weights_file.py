@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import msgpack
 import numpy as np
 from flax import serialization
 
@@ -24,6 +25,10 @@ from flaxresnet.errors import UserError
 
 FORMAT = "flaxresnet"
 VERSION = 1
+# First bytes of the Keras files people pass by mistake: HDF5 (.h5, .weights.h5) and zip (.keras).
+_KERAS_SIGNATURES = {b"\x89HDF\r\n\x1a\n": "HDF5", b"PK\x03\x04": ".keras (zip)"}
+# Keras' ResNet ImageNet input size: what a converted file records, and what a file that does not say is fed.
+IMAGENET_SIZE = 224
 
 Variables = dict[str, Any]
 
@@ -36,7 +41,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise UserError(f"output folder {folder} does not exist: create it or choose another --out")
+        raise UserError(f"output folder {folder} does not exist: create it or write elsewhere")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, mode) as f:
@@ -73,11 +78,17 @@ def load(path: str | os.PathLike) -> tuple[Variables, dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"weights file {path} not found: check the path (convert Keras weights with "
                         f"`python -m convert keras_to_flax`)")
+    contents = path.read_bytes()
+    for signature, kind in _KERAS_SIGNATURES.items():
+        if contents.startswith(signature):
+            raise UserError(f"{path} is a Keras {kind} file, not a readable flaxresnet weights file: convert it "
+                            f"first with `python -m convert keras_to_flax --weights {path}` and use the "
+                            f"converted.msgpack it writes")
     try:
-        blob = serialization.msgpack_restore(path.read_bytes())
-    except Exception as e:  # msgpack raises several unrelated types for truncated or foreign bytes
+        blob = serialization.msgpack_restore(contents)
+    except (ValueError, msgpack.UnpackException) as e:  # truncated or foreign bytes
         raise UserError(f"{path} is not a readable flaxresnet weights file ({type(e).__name__}): "
-                        f"it may be truncated or of another format; convert it again") from None
+                        f"it may be truncated or of another format; convert it again") from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise UserError(f"{path} is not a flaxresnet weights file: convert Keras weights with "
                         f"`python -m convert keras_to_flax`")
@@ -104,3 +115,17 @@ def load_converted(path: str | os.PathLike, **overrides: Any) -> tuple[nn.Module
     """
     variables, metadata = load(path)
     return build_model(metadata, **overrides), variables
+
+
+def input_size(model: nn.Module, metadata: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) of the raw images the model is fed: a classifier's training images' native size (it
+    upsamples them itself), else the ImageNet size the file records (224)."""
+    if isinstance(model, models.ResNet):
+        size = metadata.get("image_size", IMAGENET_SIZE)
+        return size, size
+    if "image_shape" in metadata:
+        return tuple(metadata["image_shape"][:2])
+    if model.image_size is not None:  # no native size recorded: feed images at the upsampled size
+        return model.image_size, model.image_size
+    raise UserError("the file does not record the image size its classifier was trained on (metadata "
+                    "'image_shape'): save it again with train.py")

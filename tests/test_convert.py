@@ -261,6 +261,15 @@ def test_load_converted_rejects_foreign_and_truncated_files(resnet50, tmp_path):
         load_converted(tmp_path / "none.msgpack")
 
 
+def test_keras_files_passed_as_flaxresnet_files_name_the_conversion(resnet50, tmp_path):
+    with zipfile.ZipFile(tmp_path / "model.keras", "w") as z:
+        z.writestr("config.json", "{}")
+    for path in (resnet50[1] / "legacy.h5", tmp_path / "model.keras"):
+        with pytest.raises(UserError) as e:
+            load_converted(path)
+        assert f"convert it first with `python -m convert keras_to_flax --weights {path}`" in str(e.value)
+
+
 def test_cli_bad_input_prints_one_line_and_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "convert", "keras_to_flax", "--weights",
                              str(tmp_path / "missing.h5"), "--out", str(tmp_path / "o.msgpack")],

@@ -9,7 +9,8 @@ from PIL import Image
 
 from flaxresnet import data, train_lib, weights_file
 from flaxresnet.config import Config
-from flaxresnet.evaluate import evaluate, eval_state, main
+from flaxresnet.evaluate import main
+from flaxresnet.loop import evaluate
 from flaxresnet.models import Classifier
 from engine_helpers import random_backbone
 
@@ -78,12 +79,13 @@ def linear_probe(state, split: data.Split) -> tuple[np.ndarray, np.ndarray]:
 def test_numbers_equal_the_engines_eval_step(digits, state, tmp_path):
     weights = save(tmp_path / "w.msgpack", state, *linear_probe(state, digits.validation))
     model, variables = weights_file.load_converted(weights)
-    result = evaluate(eval_state(model, variables), digits.validation, BATCH)
+    result = evaluate(model, train_lib.replicate(variables), digits.validation, BATCH)
 
     # The engine, as a training loop runs it: the train state itself, p_eval_step over padded batches.
     engine_state = train_lib.replicate(state.replace(params=variables["params"]))
     devices = jax.local_device_count()
-    sums = [jax.tree.map(lambda x: float(x[0]), train_lib.p_eval_step(engine_state, data.shard(b, devices)))
+    sums = [jax.tree.map(lambda x: float(x[0]), train_lib.p_eval_step(
+        engine_state.model, engine_state.variables(), data.shard(b, devices))[0])
             for b in data.eval_batches(digits.validation, BATCH)]
     totals = {k: np.sum([s[k] for s in sums]) for k in sums[0]}
     assert result.count == totals["count"] == len(digits.validation) == 359

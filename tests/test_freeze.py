@@ -1,4 +1,4 @@
-"""Freezing: presets and regexes -> labels, the parameter-count table, and what a few real steps do to frozen
+"""Freezing: presets and regexes -> frozen paths, the parameter-count table, and what a few real steps do to frozen
 and trainable leaves, optimizer state and BN statistics."""
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ def seed_variables():
 
 
 def frozen_paths(params, spec: str) -> set[str]:
-    labels = traverse_util.flatten_dict(freeze.labels(params, spec), sep="/")
-    return {path for path, label in labels.items() if label == freeze.FROZEN}
+    return set(freeze.frozen_paths(params, spec))
 
 
 def test_presets_and_regexes_pick_the_documented_leaves(seed_variables):
@@ -52,16 +51,16 @@ def test_presets_and_regexes_pick_the_documented_leaves(seed_variables):
 ])
 def test_bad_specs_are_user_errors(seed_variables, spec, message):
     with pytest.raises(UserError, match=message):
-        freeze.labels(seed_variables["params"], spec)
+        freeze.frozen_paths(seed_variables["params"], spec)
 
 
 def test_parameter_count_table_matches_keras(seed_variables):
-    counts = freeze.parameter_counts(seed_variables, freeze.labels(seed_variables["params"], "convs"))
+    counts = freeze.parameter_counts(seed_variables, freeze.frozen_paths(seed_variables["params"], "convs"))
     # Keras' summary of the original run: 603,876 trainable of 24,138,980 (BN moving statistics included).
     assert counts == {"trainable": 603_876, "frozen": 23_481_472, "bn_statistics": 53_632, "total": 24_138_980}
     table = freeze.format_counts(counts).splitlines()
     assert table[0].split() == ["trainable", "603,876"] and table[-1].split() == ["total", "24,138,980"]
-    none = freeze.parameter_counts(seed_variables, freeze.labels(seed_variables["params"], "none"))
+    none = freeze.parameter_counts(seed_variables, freeze.frozen_paths(seed_variables["params"], "none"))
     assert none["frozen"] == 0 and none["total"] == counts["total"]
 
 

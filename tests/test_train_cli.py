@@ -3,7 +3,8 @@ files, final.msgpack, and each foreseeable mistake as one line on stderr with ex
 
 Kept fast on 2 CPU cores: a random backbone file with `--freeze backbone` (the step then differentiates the head
 only), 32 px images not upsampled, batches of 8, a few steps an epoch, and one persistent XLA compilation cache
-for every run of the file (runs differ in static settings such as the work folder, not in their programs).
+for every run of the file (in-process runs of equal step settings share their compiled steps anyway, as a test
+here shows; the cache serves the subprocess runs).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from flaxresnet import data, evaluate, load_converted, loop, train_lib, weights_file
+from flaxresnet import data, load_converted, loop, train_lib, weights_file
 from flaxresnet.config import Config
 from flaxresnet.errors import UserError
 from flaxresnet.models import Classifier
@@ -115,7 +117,7 @@ def test_cifar100_extended_run_equals_uninterrupted_and_final_file_predicts(tmp_
     logits = jax.jit(lambda x: model.apply(variables, x))(ds.validation.images)
     assert logits.shape == (EXAMPLES, 100)
     # The evaluation command's numbers on the final file are the loop's final validation numbers.
-    result = evaluate.evaluate(evaluate.eval_state(model, variables), ds.validation, 8)
+    result = loop.evaluate(model, train_lib.replicate(variables), ds.validation, 8)
     last = rows(split)[-1]
     assert (result.loss, result.accuracy, result.top5) == (last["val_loss"], last["val_accuracy"],
                                                           last["val_top5"])
@@ -155,6 +157,39 @@ def test_run_stopped_mid_epoch_resumes_to_the_same_numbers(tmp_path, backbone_fi
     assert status == 2 and "cosine schedule decays to zero at epoch 2" in err and err.count("\n") == 1
 
 
+def test_runs_differing_in_run_settings_share_the_compiled_steps(tmp_path, backbone_file, capsys, monkeypatch):
+    """Work folder, data folder, epochs (constant schedule) and evaluation interval are not part of the compiled
+    steps: a second run in this process traces neither the train step nor the eval step again."""
+    traces = []
+    cross_entropy = train_lib.cross_entropy
+
+    def counted(*args, **kwargs):  # called once each time a step is traced, never when a compiled one runs
+        traces.append(1)
+        return cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(train_lib, "cross_entropy", counted)
+    unique = ("--backbone-weights", backbone_file, *TINY, "--hidden", 32)  # a model no other test compiles
+    with mock_tfds(tmp_path / "tfds", num_examples=EXAMPLES):
+        status, _, err = run(capsys, *unique, "--data-dir", tmp_path / "tfds", "--epochs", 1,
+                             "--workdir", tmp_path / "first")
+        assert status == 0, err
+        first = len(traces)
+        status, _, err = run(capsys, *unique, "--data-dir", tmp_path / "elsewhere", "--epochs", 2,
+                             "--eval-every", 2, "--workdir", tmp_path / "second")
+        assert status == 0, err
+    assert first == 2  # the train step and the eval step, each traced once
+    assert len(traces) == first
+    assert [r["epoch"] for r in rows(tmp_path / "second")] == [1, 2]
+
+
+def test_workdir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a folder")
+    status, out, err = run(capsys, "--backbone-weights", "none", "--dataset", "digits", "--workdir",
+                           tmp_path / "taken")
+    assert status == 2 and err == f"error: work folder {tmp_path / 'taken'} is a file, not a folder: choose " \
+                                  f"another --workdir\n"
+
+
 def test_image_folder_run_in_a_subprocess(tmp_path, backbone_file, compilation_cache):
     folder = write_image_folder(tmp_path / "images", {"cat": 12, "dog": 12, "fish": 12})
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": compilation_cache,
@@ -175,7 +210,8 @@ def test_image_folder_run_in_a_subprocess(tmp_path, backbone_file, compilation_c
 def test_non_finite_loss_stops_naming_the_step(tmp_path, backbone_file, capsys, monkeypatch):
     def nan_step(state, batch, rng):
         loss = np.nan if int(state.step[0]) == 2 else 1.0
-        return state.replace(step=state.step + 1), {"loss": np.full(1, loss), "accuracy": np.zeros(1)}
+        return state.replace(step=state.step + 1), {"loss": np.full(1, loss), "accuracy": np.zeros(1),
+                                                    "grad_norm": np.ones(1)}
 
     monkeypatch.setattr(train_lib, "p_train_step", nan_step)
     with mock_tfds(tmp_path / "tfds", num_examples=EXAMPLES):
@@ -203,9 +239,16 @@ def garbage_file(tmp_path: Path) -> Path:
     return tmp_path / "garbage.msgpack"
 
 
+def keras_h5_file(tmp_path: Path) -> Path:
+    h5py.File(tmp_path / "resnet50_notop.h5", "w").close()
+    return tmp_path / "resnet50_notop.h5"
+
+
 @pytest.mark.parametrize("argv, message", [
     (lambda t: ["--backbone-weights", t / "missing.msgpack"], "weights file {t}/missing.msgpack not found"),
     (lambda t: ["--backbone-weights", garbage_file(t)], "{t}/garbage.msgpack is not a readable flaxresnet"),
+    (lambda t: ["--backbone-weights", keras_h5_file(t)],
+     "convert it first with `python -m convert keras_to_flax --weights {t}/resnet50_notop.h5`"),
     (lambda t: ["--backbone-weights", "none", "--data-dir", t], "tfds dataset 'cifar100' is not prepared in"),
     (lambda t: ["--backbone-weights", "none", "--dataset", f"folder:{t}"], "image folder {t} has no class"),
     (lambda t: ["--backbone-weights", "none", "--dataset", f"folder:{bad_image_folder(t)}"],
@@ -215,7 +258,7 @@ def garbage_file(tmp_path: Path) -> Path:
     (lambda t: ["--backbone-weights", "none", "--dataset", "digits", "--image-size", "20"],
      "--image-size 20 is not a whole multiple of the dataset's 8x8 images"),
     (lambda t: ["--backbone-weights", "none", "--augment", "rotate"], "unknown augmentation(s) rotate"),
-], ids=["missing-weights", "corrupt-weights", "unprepared-dataset", "empty-folder", "unreadable-image",
+], ids=["missing-weights", "corrupt-weights", "keras-weights", "unprepared-dataset", "empty-folder", "unreadable-image",
         "corrupt-checkpoint", "image-size", "augment"])
 def test_mistakes_fail_fast_with_one_line(tmp_path, capsys, argv, message):
     status, out, err = run(capsys, *argv(tmp_path), "--workdir", tmp_path / "run")
@@ -241,7 +284,7 @@ def test_batch_size_not_divisible_by_devices(tmp_path):
 ])
 def test_resume_checks_the_settings(tmp_path, changes, message):
     saved = Config(num_classes=10, epochs=3, workdir=str(tmp_path))
-    checkpoint = loop.Checkpoint(tmp_path / "checkpoint_0003.msgpack", 3, saved, {})
+    checkpoint = loop.Checkpoint(tmp_path / "checkpoint_0003.msgpack", 3, saved, [], {})
     config = Config(**{**saved.to_dict(), "num_classes": 100, **changes})
     if message is None:
         loop.check_resumable(checkpoint, config)

@@ -52,28 +52,29 @@ def test_keras_adam_matches_keras_and_differs_from_optax_adam():
 
 def test_schedule_and_decoupled_weight_decay_spare_bn_biases_and_frozen_leaves():
     config = Config(learning_rate=0.1, schedule="cosine", warmup=10, weight_decay=0.5, clip_norm=1.0)
-    schedule = optim.learning_rate_schedule(config, total_steps=110)
+    schedule = optim.learning_rate_schedule(optim.Settings.from_config(config, total_steps=110))
     np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(60), schedule(110)],
                                [0.0, 0.05, 0.1, 0.05, 0.0], atol=1e-7)
     with pytest.raises(UserError, match="total number of steps"):
-        optim.learning_rate_schedule(config)
+        optim.learning_rate_schedule(optim.Settings.from_config(config))
 
     params = {"backbone": {"conv1_conv": {"kernel": jnp.ones((3,)), "bias": jnp.ones((3,))},
                            "conv1_bn": {"scale": jnp.ones((3,)), "bias": jnp.ones((3,))}},
               "head": {"dense": {"kernel": jnp.ones((3,)), "bias": jnp.ones((3,))}}}
-    labels = freeze.labels(params, "convs")
-    tx = optim.make_optimizer(dataclasses.replace(config, schedule="constant", warmup=0), labels)
-    state = tx.init(params)
-    updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
-    u = traverse_util.flatten_dict(updates, sep="/")
+    # As the train step does: the optimizer sees the trainable subtree only; the frozen one is not updated.
+    trainable, frozen = freeze.split(params, freeze.frozen_paths(params, "convs"))
+    tx = optim.make_optimizer(optim.Settings.from_config(dataclasses.replace(config, schedule="constant", warmup=0)))
+    state = tx.init(trainable)
+    updates, state = tx.update(jax.tree.map(jnp.zeros_like, trainable), state, trainable)
+    u = traverse_util.flatten_dict(freeze.merge(updates, jax.tree.map(jnp.zeros_like, frozen)), sep="/")
     # Zero gradients: only decay moves kernels (-lr * wd * p); BN, biases and frozen leaves stay put.
     np.testing.assert_allclose(u["head/dense/kernel"], -0.05)
     for path in ("head/dense/bias", "backbone/conv1_bn/scale", "backbone/conv1_bn/bias",
                  "backbone/conv1_conv/kernel", "backbone/conv1_conv/bias"):
         assert not np.any(u[path]), path
     # Clipping to global norm 1 before Adam: the first moment holds 0.1 * clipped gradient.
-    big = jax.tree.map(lambda p: jnp.full_like(p, 100.0), params)
-    _, state = tx.update(big, tx.init(params), params)
+    big = jax.tree.map(lambda p: jnp.full_like(p, 100.0), trainable)
+    _, state = tx.update(big, tx.init(trainable), trainable)
     moments = [x for x in jax.tree.leaves(state) if np.size(x) == 3]
     norm = np.sqrt(sum(np.sum(np.square(m)) for m in moments[:len(moments) // 2]))
     np.testing.assert_allclose(norm, 0.1, rtol=1e-5)
@@ -83,7 +84,7 @@ def test_config_round_trips_and_rejects_bad_values():
     config = Config(augment=["cutout", "flip"], freeze="stages:3", clip_norm=2.0)
     assert config.augment == ("cutout", "flip")
     assert Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    hash(config)  # usable as a static field of the jitted step
+    hash(config)  # a frozen value: usable as a dict key or static argument
     for bad, message in [({"augment": ["mixup"]}, "unknown augmentation"), ({"head": "mlp"}, "head 'mlp'"),
                          ({"dropout": 1.0}, "dropout"), ({"epoch": 3}, "unknown config field")]:
         with pytest.raises(UserError, match=message):
@@ -150,7 +151,7 @@ def test_two_devices_train_like_one(tmp_path):
     m1, (m2,) = metrics[0], two["metrics"]
     stats = [k for k in theirs if k.startswith("batch_stats/")]
     params = [k for k in theirs if k.startswith("params/")]
-    lr = state.config.learning_rate
+    lr = state.settings.optimizer.learning_rate
     far = np.mean(np.concatenate([np.abs(one[k] - theirs[k]).ravel() for k in params]) > lr / 100)
     differences = {"loss": abs(m1["loss"] / m2["loss"] - 1), "grad_norm": abs(m1["grad_norm"] / m2["grad_norm"] - 1),
                    "bn_stats": max(np.abs(one[k] - theirs[k]).max() / np.abs(one[k]).max() for k in stats),
@@ -166,12 +167,13 @@ def test_two_devices_train_like_one(tmp_path):
 
 def test_eval_counts_each_real_example_once_and_never_augments():
     state = train_steps()[0][0]
-    assert state.config.augment  # augmentation is on for training, yet eval must not apply it
+    assert state.settings.augment  # augmentation is on for training, yet eval must not apply it
     batch = random_batch(seed=9)
     real = 5
     padded = {**batch, "mask": np.arange(BATCH) < real}
     padded["image"][real:] = 0
-    sums = train_lib.p_eval_step(train_lib.replicate(state), shard(padded, jax.local_device_count()))
+    sums, _ = train_lib.p_eval_step(state.model, train_lib.replicate(state.variables()),
+                                    shard(padded, jax.local_device_count()))
     sums = {k: float(v[0]) for k, v in sums.items()}
 
     logits = predict(state.model.clone(axis_name=None), state.variables(), random_batch(seed=9)["image"])[:real]
