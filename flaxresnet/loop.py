@@ -13,6 +13,10 @@ The work folder (`config.workdir`) holds:
 
 Determinism: the data order depends on (seed, epoch) alone and each step's randomness on fold_in(key, step),
 so a run resumed from its last checkpoint ends with exactly the numbers of an uninterrupted run.
+
+One process feeds every local device and writes every file (no multi-host support). This module is train.py's
+engine, so its errors name the options by their train.py flags (`config.flag`); the library below it (data,
+train_lib, weights_file, ...) speaks of them in its own terms.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import msgpack
 import numpy as np
 from flax import serialization
 from matplotlib.figure import Figure
@@ -255,25 +258,21 @@ def latest_checkpoint(workdir: Path) -> Checkpoint | None:
     path = paths[-1]
     advice = (f"delete it to resume from the one before ({paths[-2].name})" if len(paths) > 1
               else "delete it to start the run over")
-    try:
-        contents = serialization.msgpack_restore(path.read_bytes())
-    except (ValueError, msgpack.UnpackException) as e:  # truncated or foreign bytes
-        raise UserError(f"checkpoint {path} is corrupt or not a flaxresnet checkpoint ({type(e).__name__}): "
-                        f"{advice}, or use a fresh --workdir") from e
-    if not isinstance(contents, dict) or contents.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint {path} is corrupt or not a flaxresnet checkpoint (no format "
-                        f"{CHECKPOINT_FORMAT!r}): {advice}, or use a fresh --workdir")
-    if contents.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"checkpoint {path} has version {contents.get('version')}, this flaxresnet resumes "
-                        f"version {CHECKPOINT_VERSION}: {advice}, or use a fresh --workdir")
+    def damaged(why: str) -> str:
+        return (f"checkpoint {path} is corrupt or not a flaxresnet checkpoint ({why}): {advice}, or use a fresh "
+                f"--workdir")
+
+    contents = weights_file.read_msgpack(
+        path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, damaged,
+        lambda version: f"checkpoint {path} has version {version}, this flaxresnet resumes version "
+                        f"{CHECKPOINT_VERSION}: {advice}, or use a fresh --workdir")
     try:
         if not isinstance(contents["state"], dict):
             raise TypeError(f"state is a {type(contents['state']).__name__}")
         return Checkpoint(path, int(contents["epoch"]), Config.from_dict(json.loads(contents["config"])),
                           json.loads(contents["history"]), contents["state"])
     except (KeyError, TypeError, ValueError, UserError) as e:  # a missing entry, bad JSON, an unknown setting
-        raise UserError(f"checkpoint {path} is corrupt or not a flaxresnet checkpoint ({type(e).__name__}: "
-                        f"{e}): {advice}, or use a fresh --workdir") from e
+        raise UserError(damaged(f"{type(e).__name__}: {e}")) from e
 
 
 def check_resumable(checkpoint: Checkpoint, config: Config) -> None:

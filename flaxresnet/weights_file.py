@@ -78,24 +78,38 @@ def load(path: str | os.PathLike) -> tuple[Variables, dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"weights file {path} not found: check the path (convert Keras weights with "
                         f"`python -m convert keras_to_flax`)")
-    contents = path.read_bytes()
+    with path.open("rb") as f:
+        start = f.read(8)
     for signature, kind in _KERAS_SIGNATURES.items():
-        if contents.startswith(signature):
+        if start.startswith(signature):
             raise UserError(f"{path} is a Keras {kind} file, not a readable flaxresnet weights file: convert it "
                             f"first with `python -m convert keras_to_flax --weights {path}` and use the "
                             f"converted.msgpack it writes")
-    try:
-        blob = serialization.msgpack_restore(contents)
-    except (ValueError, msgpack.UnpackException) as e:  # truncated or foreign bytes
-        raise UserError(f"{path} is not a readable flaxresnet weights file ({type(e).__name__}): "
-                        f"it may be truncated or of another format; convert it again") from e
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise UserError(f"{path} is not a flaxresnet weights file: convert Keras weights with "
-                        f"`python -m convert keras_to_flax`")
-    if blob.get("version") != VERSION:
-        raise UserError(f"{path} has flaxresnet file version {blob.get('version')}, this flaxresnet reads "
-                        f"version {VERSION}: upgrade flaxresnet or convert the weights again")
+    blob = read_msgpack(path, FORMAT, VERSION,
+                        damaged=lambda why: f"{path} is not a readable flaxresnet weights file ({why}): it may be "
+                                            f"truncated or of another format; convert it again",
+                        other_version=lambda version: f"{path} has flaxresnet file version {version}, this "
+                                                      f"flaxresnet reads version {VERSION}: upgrade flaxresnet or "
+                                                      f"convert the weights again")
     return blob["variables"], json.loads(blob["metadata"])
+
+
+def read_msgpack(path: Path, format: str, version: int, damaged: Callable[[str], str],
+                 other_version: Callable[[Any], str]) -> dict[str, Any]:
+    """The contents of a flaxresnet msgpack file (weights or checkpoint) of `format` and `version`.
+
+    UserError otherwise: `damaged(why)` for truncated or foreign bytes (the decoder's error is kept as the
+    cause), `other_version(version)` for another version of the format.
+    """
+    try:
+        contents = serialization.msgpack_restore(path.read_bytes())
+    except (ValueError, msgpack.UnpackException) as e:  # truncated or foreign bytes
+        raise UserError(damaged(type(e).__name__)) from e
+    if not isinstance(contents, dict) or contents.get("format") != format:
+        raise UserError(damaged(f"no format {format!r}"))
+    if contents.get("version") != version:
+        raise UserError(other_version(contents.get("version")))
+    return contents
 
 
 def build_model(metadata: dict[str, Any], **overrides: Any) -> nn.Module:

@@ -267,6 +267,15 @@ def test_mistakes_fail_fast_with_one_line(tmp_path, capsys, argv, message):
     assert message.format(t=tmp_path) in err
 
 
+def test_every_option_is_a_flag_of_its_field():
+    config = train.parse_args(["--backbone-weights", "none", "--image-size", "none", "--augment", "none",
+                               "--clip-norm", "2", "--label-smoothing", "0.1", "--depth", "101", "--workdir", "w"])
+    assert config == Config(backbone_weights=None, image_size=None, augment=(), clip_norm=2.0, label_smoothing=0.1,
+                            depth=101, workdir="w")
+    assert train.parse_args(["--backbone-weights", "b.msgpack", "--augment", "flip, cutout",
+                             "--workdir", "w"]).augment == ("flip", "cutout")
+
+
 def test_batch_size_not_divisible_by_devices(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     done = subprocess.run([sys.executable, "train.py", "--backbone-weights", "none", "--dataset", "digits",
