@@ -258,6 +258,7 @@ def latest_checkpoint(workdir: Path) -> Checkpoint | None:
     path = paths[-1]
     advice = (f"delete it to resume from the one before ({paths[-2].name})" if len(paths) > 1
               else "delete it to start the run over")
+
     def damaged(why: str) -> str:
         return (f"checkpoint {path} is corrupt or not a flaxresnet checkpoint ({why}): {advice}, or use a fresh "
                 f"--workdir")
