@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from flaxresnet import loop
-from flaxresnet.config import Config, flag
-from flaxresnet.errors import run_command
+from flaxresnet.config import Config
+from flaxresnet.errors import flag, run_command
 
 
 def _text_to_value(hint: Any) -> Callable[[str], Any]:

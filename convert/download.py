@@ -62,7 +62,7 @@ def imagenet_weights(depth: int, include_top: bool) -> Path:
                 atomic_write(path, write)
     except (urllib.error.URLError, TimeoutError, OSError) as e:
         raise UserError(f"cannot download {BASE_URL + name} ({getattr(e, 'reason', e)}): offline? download "
-                        f"it elsewhere and pass --weights PATH, or place it in {path.parent}") from None
+                        f"it elsewhere and pass --weights PATH, or place it in {path.parent}") from e
     if md5sum(path) != expected:
         path.unlink()
         raise UserError(f"downloaded {name} has the wrong md5 (expected {expected}): the download was "

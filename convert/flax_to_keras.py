@@ -131,7 +131,7 @@ def _import_keras() -> Any:
     try:
         import keras
     except ImportError as e:
-        raise UserError(f"exporting a classifier needs Keras 3 ({e}): pip install 'flaxresnet[keras]'") from None
+        raise UserError(f"exporting a classifier needs Keras 3 ({e}): pip install 'flaxresnet[keras]'") from e
     if int(keras.__version__.split(".")[0]) < 3:
         raise UserError(f"exporting a classifier needs Keras 3, found {keras.__version__}: "
                         f"pip install 'flaxresnet[keras]'")

@@ -146,4 +146,4 @@ def read_keras_weights(path: str | Path,
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {path} as a Keras weights file ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'}): it may be truncated or "
-                        f"not HDF5; download or save it again") from None
+                        f"not HDF5; download or save it again") from e

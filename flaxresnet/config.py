@@ -38,11 +38,6 @@ def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, che
         "required": required, "derived": derived})
 
 
-def flag(name: str) -> str:
-    """The command-line flag of a Config field: 'batch_size' -> '--batch-size'."""
-    return "--" + name.replace("_", "-")
-
-
 def _positive(value: float) -> str | None:
     return None if value > 0 else f"must be positive, got {value}"
 
@@ -135,7 +130,7 @@ class Config:
             if problem is None and choices is not None and value not in choices:
                 problem = f"{value!r} is not one of {', '.join(map(str, choices))}"
             if problem is not None:
-                raise UserError(f"{field.name} {problem}")
+                raise UserError(f"{field.name} {problem}", option=field.name)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field (tuples become lists)."""

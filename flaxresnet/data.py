@@ -260,7 +260,7 @@ def num_train_steps(split: Split, batch_size: int) -> int:
     """Full batches in one training epoch (the last partial batch is dropped); UserError if there are none."""
     if batch_size < 1 or len(split) < batch_size:
         raise UserError(f"batch size {batch_size} does not fit the {len(split)} training examples: choose a "
-                        f"batch size between 1 and {len(split)}")
+                        f"batch size between 1 and {len(split)}", option="batch_size")
     return len(split) // batch_size
 
 
@@ -275,7 +275,7 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int) -> Itera
 def eval_batches(split: Split, batch_size: int) -> Iterator[Batch]:
     """Every example once, in order; the last batch is zero-padded to `batch_size` and 'mask' marks real ones."""
     if batch_size < 1:
-        raise UserError(f"batch size {batch_size} must be at least 1")
+        raise UserError(f"batch size {batch_size} must be at least 1", option="batch_size")
     for start in range(0, len(split), batch_size):
         images, labels = split.images[start:start + batch_size], split.labels[start:start + batch_size]
         mask = np.ones(batch_size, bool)
@@ -292,7 +292,7 @@ def shard(batch: Batch, num_devices: int) -> Batch:
     size = len(next(iter(batch.values())))
     if size % num_devices:
         raise UserError(f"batch size {size} does not divide over {num_devices} devices: choose a batch size "
-                        f"that is a multiple of {num_devices}")
+                        f"that is a multiple of {num_devices}", option="batch_size")
     return {k: v.reshape(num_devices, size // num_devices, *v.shape[1:]) for k, v in batch.items()}
 
 

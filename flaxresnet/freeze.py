@@ -41,13 +41,13 @@ def frozen_pattern(spec: str) -> re.Pattern[str] | None:
     if stages:
         n = int(stages.group(1))
         if not 1 <= n <= 5:
-            raise UserError(f"freeze {spec!r}: N must be 1 (stem) to 5 (all stages)")
+            raise UserError(f"freeze {spec!r}: N must be 1 (stem) to 5 (all stages)", option="freeze")
         return re.compile(rf"^backbone/conv[1-{n}]_")
     try:
         return re.compile(spec)
     except re.error as e:
         raise UserError(f"freeze {spec!r} is neither a preset ({', '.join(PRESETS)}, stages:N) nor a valid "
-                        f"regex: {e}") from None
+                        f"regex: {e}", option="freeze") from e
 
 
 def backbone_bn_train(spec: str) -> bool:
@@ -64,7 +64,7 @@ def frozen_paths(params: Params, spec: str) -> frozenset[str]:
     frozen = frozenset(path for path in traverse_util.flatten_dict(params, sep="/") if pattern.search(path))
     if not frozen:
         raise UserError(f"freeze {spec!r} matches no parameter path (paths look like "
-                        f"'backbone/conv1_conv/kernel' or 'head/dense/bias')")
+                        f"'backbone/conv1_conv/kernel' or 'head/dense/bias')", option="freeze")
     return frozen
 
 

@@ -15,7 +15,7 @@ Determinism: the data order depends on (seed, epoch) alone and each step's rando
 so a run resumed from its last checkpoint ends with exactly the numbers of an uninterrupted run.
 
 One process feeds every local device and writes every file (no multi-host support). This module is train.py's
-engine, so its errors name the options by their train.py flags (`config.flag`); the library below it (data,
+engine, so its errors name the options by their train.py flags (`errors.flag`); the library below it (data,
 train_lib, weights_file, ...) speaks of them in its own terms.
 """
 
@@ -38,8 +38,8 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 from tqdm import tqdm
 
 from flaxresnet import data, freeze, train_lib, trees, weights_file
-from flaxresnet.config import Config, flag
-from flaxresnet.errors import UserError
+from flaxresnet.config import Config
+from flaxresnet.errors import UserError, flag
 from flaxresnet.models import Classifier, ResNet
 
 CHECKPOINT_FORMAT = "flaxresnet-checkpoint"

@@ -70,7 +70,7 @@ def load_images(paths: list[str], size: tuple[int, int]) -> np.ndarray:
                 images[i] = fit_image(image, size)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise UserError(f"cannot read image {path} ({e}): give a JPEG, PNG or other image pillow "
-                            f"decodes") from None
+                            f"decodes") from e
     return images
 
 

@@ -91,6 +91,11 @@ def test_config_round_trips_and_rejects_bad_values():
             Config.from_dict(bad)
 
 
+def test_float16_is_refused_for_bfloat16():
+    with pytest.raises(UserError, match="float16 is not offered: training in it needs loss scaling.*use bfloat16"):
+        Config(dtype="float16")
+
+
 def test_head_dropout_needs_training_mode():
     head = Head(CLASSES, hidden=16, dropout=0.5)
     features = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 2, 32)), jnp.float32)
