@@ -46,11 +46,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
         meta = field.metadata
         if meta["derived"]:
             continue
-        help = meta["help"] if "(default:" in meta["help"] or meta["required"] else \
+        text = meta["help"] if "(default:" in meta["help"] or meta["required"] else \
             f"{meta['help']} (default: {_value_to_text(field.default)})"
         choices = meta["choices"]
         p.add_argument(flag(field.name), dest=field.name, type=_text_to_value(hints[field.name]),
-                       default=field.default, required=meta["required"], help=help.replace("%", "%%"),
+                       default=field.default, required=meta["required"], help=text.replace("%", "%%"),
                        metavar=meta["metavar"] or ("{" + ",".join(map(str, choices)) + "}" if choices else None))
     config = Config(**vars(p.parse_args(argv)))
     return config if config.workdir else dataclasses.replace(config, workdir=loop.default_workdir(config.dataset))
