@@ -9,13 +9,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+
 from flaxresnet import augment as augment_lib
 from flaxresnet.errors import UserError
 from flaxresnet.models import HEADS, STAGE_BLOCKS
 
 SCHEDULES = ("constant", "cosine")
 UPSAMPLE_METHODS = ("nearest", "bilinear")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +39,8 @@ class Config:
       weight_decay: decoupled (AdamW-style, scaled by the learning rate) on kernels only, not BN or biases.
       label_smoothing: mass spread uniformly over the classes in the cross-entropy targets.
       clip_norm: clip gradients to this global norm (over trainable parameters); None disables clipping.
-      dtype: compute dtype; parameters, BN statistics and the loss stay float32.
+      dtype: compute dtype; parameters, BN statistics and the loss stay float32 ('float64', which needs 64-bit
+        JAX, keeps everything in float64: a mode to verify against a float64 reference, not to train fast).
       batch_size: global batch size, split evenly over all devices.
       depth: ResNet depth of a backbone initialised from scratch (a converted backbone brings its own).
       seed: the one root of all randomness (initialisation, augmentation, dropout).
@@ -82,6 +85,8 @@ class Config:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise UserError("dtype float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 in the environment")
         unknown = [a for a in self.augment if a not in augment_lib.AUGMENTATIONS]
         if unknown:
             raise UserError(f"unknown augmentation(s) {', '.join(unknown)}: choose from "
