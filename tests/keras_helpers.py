@@ -163,7 +163,7 @@ FLOAT32_FACTOR = 2.0
 
 @contextlib.contextmanager
 def float64() -> Iterator[None]:
-    """64-bit JAX and Keras floatx float64 inside the block (all restored after).
+    """64-bit JAX, Keras floatx and dtype policy float64 inside the block (all restored after).
 
     Keras 3 on JAX also needs its type promotion kept in float64: `keras.src.backend.common.dtypes` maps every
     float64 result of `result_type` to float32 on the JAX backend (not on TensorFlow's), so e.g.
@@ -174,12 +174,15 @@ def float64() -> Iterator[None]:
     import keras
     from keras.src.backend.common import dtypes
 
+    policy = keras.config.dtype_policy()  # fixed at its first use, from the floatx of then
     with jax.enable_x64(True), mock.patch.dict(dtypes.BIT64_TO_BIT32_DTYPE, {"float64": "float64"}):
         keras.config.set_floatx("float64")
+        keras.config.set_dtype_policy("float64")
         try:
             yield
         finally:
             keras.config.set_floatx("float32")
+            keras.config.set_dtype_policy(policy)
 
 
 def float64_twin(model):
@@ -226,3 +229,24 @@ def assert_parity(what: str, ours32: Tensors, ours64: Tensors, keras32: Tensors,
     bound = FLOAT32_FACTOR * figures["keras32"] + np.finfo(np.float32).eps
     assert figures["flaxresnet32"] <= bound, f"{what}: float32 flaxresnet beyond Keras' own rounding: {figures}"
     return figures
+
+
+def flax_predict(path, images: np.ndarray, dtype: str = "float32") -> np.ndarray:
+    """A weights file's output on `images` (preprocessed for a ResNet, raw for a classifier), in `dtype`, jitted
+    as flaxresnet runs it: the feature map of a no-top ResNet, the softmax probabilities of a ResNet with a top
+    (what Keras' top outputs), the logits of a classifier (what its Keras export outputs)."""
+    from flaxresnet import ResNet, load_converted
+
+    model, variables = load_converted(path, dtype=dtype)
+    finish = jax.nn.softmax if isinstance(model, ResNet) and model.include_top else (lambda x: x)
+    return np.asarray(jax.jit(lambda v, x: finish(model.apply(v, x)))(variables, images.astype(dtype)))
+
+
+def assert_file_matches_keras(what: str, path, model, images: np.ndarray) -> dict:
+    """`assert_parity` for a converted file against the Keras `model` it came from, on raw RGB `images`."""
+    x = np.asarray(preprocess_input(images))  # float32 values, given exactly to the float64 models
+    ours32, keras32 = flax_predict(path, x), model.predict(x, verbose=0)
+    with float64():
+        ours64 = flax_predict(path, x, "float64")
+        keras64 = float64_twin(model).predict(x.astype(np.float64), verbose=0)
+    return assert_parity(what, ours32, ours64, keras32, keras64)
