@@ -170,7 +170,7 @@ def _keras_classifier(model: Classifier, variables: dict[str, Any], size: tuple[
     # RGB -> BGR as a permutation (output channel j reads input channel 2 - j), then minus the BGR means.
     kernel = np.zeros((1, 1, 3, 3), np.float32)
     kernel[0, 0, [2, 1, 0], [0, 1, 2]] = 1.0
-    preprocess.set_weights([kernel, -np.asarray(CAFFE_MEAN_BGR, np.float32)])
+    preprocess.set_weights([kernel, -np.asarray(CAFFE_MEAN_BGR)])  # rounded to the layer's dtype, as ours are
     backbone_variables = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
     for name, arrays in naming.keras_weights(backbone_variables):
         backbone.get_layer(name).set_weights([a for _, a in arrays])

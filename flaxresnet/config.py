@@ -14,6 +14,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+
 from flaxresnet import augment as augment_lib
 from flaxresnet import data, freeze
 from flaxresnet.errors import UserError
@@ -21,7 +23,7 @@ from flaxresnet.models import HEADS, STAGE_BLOCKS
 
 SCHEDULES = ("constant", "cosine")
 UPSAMPLE_METHODS = ("nearest", "bilinear")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float64")
 
 Check = Callable[[Any], str | None]
 
@@ -61,8 +63,12 @@ def _augmentations(names: tuple[str, ...]) -> str | None:
 
 
 def _dtype(name: str) -> str | None:
-    return ("float16 is not offered: training in it needs loss scaling, which flaxresnet does not do; use "
-            "bfloat16, the mixed-precision dtype of GPUs and TPUs" if name == "float16" else None)
+    if name == "float16":
+        return ("float16 is not offered: training in it needs loss scaling, which flaxresnet does not do; use "
+                "bfloat16, the mixed-precision dtype of GPUs and TPUs")
+    if name == "float64" and not jax.config.jax_enable_x64:
+        return "float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 in the environment"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +105,9 @@ class Config:
                                     check=_fraction, metavar="E")
     clip_norm: float | None = option(None, "clip gradients to this global norm over the trainable parameters "
                                            "(default: no clipping)", check=_positive_or_none, metavar="NORM")
-    dtype: str = option("float32", "compute dtype; parameters, BN statistics and the loss stay float32",
+    dtype: str = option("float32", "compute dtype; parameters, BN statistics and the loss stay float32 "
+                                   "('float64', which needs 64-bit JAX, keeps everything in float64: a mode to "
+                                   "verify against a float64 reference, not to train fast)",
                         check=_dtype, choices=DTYPES)
     batch_size: int = option(64, "global batch size, split evenly over all devices", check=_positive, metavar="N")
     depth: int = option(50, "ResNet depth when training from scratch; a weights file brings its own",

@@ -30,12 +30,23 @@ LEGACY_BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99
 
 
+def param_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype of parameters, BN statistics and outputs for compute `dtype`: float32 for float32, bfloat16 and
+    float16 compute (mixed precision keeps the weights wide), float64 for float64 (a verification mode, which
+    needs `jax_enable_x64`: without it JAX would silently compute in float32)."""
+    wide = jnp.promote_types(dtype, jnp.float32)
+    if wide == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("dtype float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 or call "
+                         "jax.config.update('jax_enable_x64', True) before any JAX work")
+    return wide
+
+
 class BatchNorm(nn.Module):
     """Keras' BatchNormalization over the last axis, computed the way Keras 3 computes it.
 
-    Statistics in float32; the batch variance is the mean squared deviation from the batch mean (both
-    averaged over `axis_name` devices: global-batch statistics); moving statistics updated as
-    `moving * momentum + batch * (1 - momentum)`; output `x * inv + (beta - mean * inv)` with
+    Parameters and statistics in `param_dtype(dtype)` (float32, or float64 in float64 mode); the batch variance
+    is the mean squared deviation from the batch mean (both averaged over `axis_name` devices: global-batch
+    statistics); moving statistics updated as `moving * momentum + batch * (1 - momentum)`; output `x * inv + (beta - mean * inv)` with
     `inv = gamma / sqrt(var + epsilon)`, cast to `dtype`. Besides matching Keras' rounding, this form makes
     the backward pass one reduction per layer cheaper than flax.linen.BatchNorm's `(x - mean) * inv + beta`
     (about 25% less time in BatchNorm layers on CPU). Variables are named as flax.linen.BatchNorm names them:
@@ -50,12 +61,12 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        moving_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-        moving_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-        x = x.astype(jnp.float32)
+        features, wide = x.shape[-1], param_dtype(self.dtype)
+        scale = self.param("scale", nn.initializers.ones, (features,), wide)
+        bias = self.param("bias", nn.initializers.zeros, (features,), wide)
+        moving_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), wide)
+        moving_var = self.variable("batch_stats", "var", jnp.ones, (features,), wide)
+        x = x.astype(wide)
         if self.use_running_average:
             mean, var = moving_mean.value, moving_var.value
         else:
@@ -84,7 +95,8 @@ class ResNet(nn.Module):
       bn_epsilon: 1.001e-5 for keras-applications weights, 1e-3 for the old v0.2 ResNet50 file.
       pool1_pad: zero padding before the stem max pool; 1 in keras-applications, 0 in the v0.2 model.
       axis_name: pmap axis over which training-mode BatchNorm computes its statistics (global batch).
-      dtype: compute dtype; parameters and BN statistics stay float32, outputs are float32.
+      dtype: compute dtype; parameters, BN statistics and outputs are `param_dtype(dtype)`: float32, or
+        float64 for float64.
     """
 
     depth: int = 50
@@ -97,7 +109,7 @@ class ResNet(nn.Module):
 
     def _conv(self, features: int, kernel: int, stride: int, pad: int, name: str) -> nn.Conv:
         return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                       use_bias=True, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+                       use_bias=True, dtype=self.dtype, param_dtype=param_dtype(self.dtype), name=name)
 
     def _bn(self, train: bool, name: str) -> BatchNorm:
         return BatchNorm(use_running_average=not train, epsilon=self.bn_epsilon,
@@ -137,11 +149,12 @@ class ResNet(nn.Module):
             for block in range(1, blocks + 1):
                 stride = 2 if block == 1 and stage > 2 else 1
                 x = self._block(x, filters, stride, block == 1, f"conv{stage}_block{block}", train)
+        wide = param_dtype(self.dtype)
         if not self.include_top:
-            return x.astype(jnp.float32)
+            return x.astype(wide)
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="predictions")(x)
-        return x.astype(jnp.float32)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=wide, name="predictions")(x)
+        return x.astype(wide)
 
 
 def ResNet50(**kwargs: Any) -> ResNet:
@@ -186,14 +199,16 @@ class Head(nn.Module):
 
     def _dense(self, features: int, name: str) -> nn.Dense:
         return nn.Dense(features, kernel_init=nn.initializers.glorot_uniform(), dtype=self.dtype,
-                        param_dtype=jnp.float32, name=name)
+                        param_dtype=param_dtype(self.dtype), name=name)
 
     @nn.compact
     def __call__(self, features: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        """(N, H, W, C) features -> (N, num_classes) float32 logits; `train` enables dropout and batch BN."""
+        """(N, H, W, C) features -> (N, num_classes) logits in `param_dtype(dtype)`; `train` enables dropout and
+        batch BN."""
+        wide = param_dtype(self.dtype)
         x = jnp.mean(features, axis=(1, 2))
         if self.kind == "linear":
-            return self._dense(self.num_classes, "dense")(x).astype(jnp.float32)
+            return self._dense(self.num_classes, "dense")(x).astype(wide)
         if self.kind != "seed":
             raise ValueError(f"head must be one of {HEADS}, got {self.kind!r}")
         x = nn.relu(self._dense(self.hidden, "dense")(x))
@@ -201,7 +216,7 @@ class Head(nn.Module):
         x = BatchNorm(use_running_average=not train, epsilon=HEAD_BN_EPSILON,
                       axis_name=self.axis_name if train else None, dtype=self.dtype,
                       name="batch_normalization")(x)
-        return self._dense(self.num_classes, "dense_1")(x).astype(jnp.float32)
+        return self._dense(self.num_classes, "dense_1")(x).astype(wide)
 
 
 class Classifier(nn.Module):
@@ -221,7 +236,8 @@ class Classifier(nn.Module):
       backbone_bn_train: whether the backbone's BatchNorm uses batch statistics (and updates its moving
         statistics) when `train=True`; False for feature extraction (the `backbone` freeze preset).
       axis_name: pmap axis over which training-mode BatchNorm computes statistics (global batch).
-      dtype: compute dtype name, e.g. 'float32' or 'bfloat16'; parameters stay float32, logits are float32.
+      dtype: compute dtype name, e.g. 'float32' or 'bfloat16'; parameters stay float32, logits are float32
+        ('float64' keeps everything in float64, to verify against a float64 reference).
     """
 
     num_classes: int
@@ -261,7 +277,7 @@ class Classifier(nn.Module):
         `augment`, if given, maps the preprocessed images at their native size to augmented ones (it runs
         after caffe preprocessing and before upsampling, as the seed's random erasing did).
         """
-        x = preprocess_input(images)
+        x = preprocess_input(images, param_dtype(self.dtype))
         if augment is not None:
             x = augment(x)
         if self.image_size is not None:
@@ -269,7 +285,7 @@ class Classifier(nn.Module):
         return self.backbone_net(x, train=train and self.backbone_bn_train)
 
     def classify(self, features: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        """Backbone feature map (N, h, w, FEATURES) -> (N, num_classes) float32 logits (the head alone)."""
+        """Backbone feature map (N, h, w, FEATURES) -> (N, num_classes) logits (the head alone)."""
         return self.head_net(features, train=train)
 
     def __call__(self, images: jnp.ndarray, train: bool = False,

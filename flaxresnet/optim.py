@@ -45,12 +45,14 @@ def scale_by_keras_adam(b1: float = KERAS_ADAM_B1, b2: float = KERAS_ADAM_B2,
                params: optax.Params | None = None) -> tuple[optax.Updates, KerasAdamState]:
         del params
         count = state.count + 1
-        t = count.astype(jnp.float32)
         mu = jax.tree.map(lambda m, g: m + (g - m) * (1 - b1), state.mu, updates)
         nu = jax.tree.map(lambda v, g: v + (jnp.square(g) - v) * (1 - b2), state.nu, updates)
-        correction = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-        direction = jax.tree.map(lambda m, v: correction * m / (jnp.sqrt(v) + eps), mu, nu)
-        return direction, KerasAdamState(count=count, mu=mu, nu=nu)
+
+        def direction(m: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+            t = count.astype(m.dtype)  # in the variable's dtype, as Keras computes it (float64 stays float64)
+            return jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (jnp.sqrt(v) + eps)
+
+        return jax.tree.map(direction, mu, nu), KerasAdamState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init, update)
 

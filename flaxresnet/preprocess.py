@@ -9,10 +9,11 @@ import jax.numpy as jnp
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
-def preprocess_input(x: jnp.ndarray) -> jnp.ndarray:
-    """Keras `resnet.preprocess_input`: float32, RGB -> BGR, subtract the ImageNet BGR means, no scaling."""
-    x = jnp.asarray(x, jnp.float32)[..., ::-1]
-    return x - jnp.asarray(CAFFE_MEAN_BGR, jnp.float32)
+def preprocess_input(x: jnp.ndarray, dtype: jnp.dtype = jnp.float32) -> jnp.ndarray:
+    """Keras `resnet.preprocess_input`: to `dtype` (float32, as Keras' default floatx), RGB -> BGR, subtract the
+    ImageNet BGR means (rounded to `dtype`), no scaling."""
+    x = jnp.asarray(x, dtype)[..., ::-1]
+    return x - jnp.asarray(CAFFE_MEAN_BGR, dtype)
 
 
 def upsample(x: jnp.ndarray, size: int, method: str = "nearest") -> jnp.ndarray:

@@ -125,10 +125,13 @@ def load_converted(path: str | os.PathLike, **overrides: Any) -> tuple[nn.Module
     """Load a converted (or fine-tuned) file as `(model, {'params': ..., 'batch_stats': ...})`.
 
     `model.apply(variables, preprocess_input(rgb), train=False)` gives the Keras feature map for a no-top
-    backbone, or logits for a file with a classifier.
+    backbone, or logits for a file with a classifier. `overrides` replace config fields; `dtype='float64'`
+    (with 64-bit JAX) also makes the variables float64, for float64 inputs (`preprocess_input(rgb, jnp.float64)`).
     """
     variables, metadata = load(path)
-    return build_model(metadata, **overrides), variables
+    model = build_model(metadata, **overrides)
+    wide = models.param_dtype(model.dtype)  # float32, or float64 for dtype='float64'
+    return model, jax.tree.map(lambda x: x.astype(wide) if np.issubdtype(x.dtype, np.floating) else x, variables)
 
 
 def input_size(model: nn.Module, metadata: dict[str, Any]) -> tuple[int, int]:

@@ -8,6 +8,11 @@ trained network's are), then every one of gamma, beta, moving mean and variance 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from unittest import mock
+
+import jax
 import numpy as np
 
 from flaxresnet.preprocess import preprocess_input
@@ -146,3 +151,102 @@ def keras_resnet50_v02(include_top: bool = True, size: int = 64, classes: int = 
     model = keras.Model(inputs, x, name="resnet50")
     randomize_batchnorm(model, seed)
     return model
+
+
+# ---- the parity contract: float64 proves equality, float32 is bounded by Keras' own float32 rounding ----
+
+# float64 flaxresnet vs float64 Keras, relative to each tensor's largest magnitude.
+FLOAT64_RTOL = 1e-9
+# float32 flaxresnet may be at most this many times as far from the float64 result as float32 Keras is.
+FLOAT32_FACTOR = 2.0
+
+
+@contextlib.contextmanager
+def float64() -> Iterator[None]:
+    """64-bit JAX, Keras floatx and dtype policy float64 inside the block (all restored after).
+
+    Keras 3 on JAX also needs its type promotion kept in float64: `keras.src.backend.common.dtypes` maps every
+    float64 result of `result_type` to float32 on the JAX backend (not on TensorFlow's), so e.g.
+    BatchNormalization, which computes in `result_type(inputs.dtype, "float32")`, would run in float32 and the
+    reference would be float32-accurate only (measured: 1.6e-7 off float64 after conv1_bn). The block maps
+    float64 to float64, as Keras does on TensorFlow.
+    """
+    import keras
+    from keras.src.backend.common import dtypes
+
+    policy = keras.config.dtype_policy()  # fixed at its first use, from the floatx of then
+    with jax.enable_x64(True), mock.patch.dict(dtypes.BIT64_TO_BIT32_DTYPE, {"float64": "float64"}):
+        keras.config.set_floatx("float64")
+        keras.config.set_dtype_policy("float64")
+        try:
+            yield
+        finally:
+            keras.config.set_floatx("float32")
+            keras.config.set_dtype_policy(policy)
+
+
+def float64_twin(model):
+    """A float64 copy of a Keras model: every layer (and input) rebuilt with dtype float64, holding the same
+    weights (float32 values, so exactly representable). Call it, and the copy, inside `float64()`."""
+    import keras
+
+    def clone(layer):
+        if isinstance(layer, keras.Model):  # a nested model (the backbone of a Sequential)
+            return keras.models.clone_model(layer, clone_function=clone)
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float64"})
+
+    inputs = [keras.Input(batch_shape=x.shape, dtype="float64") for x in model.inputs]
+    twin = keras.models.clone_model(model, input_tensors=inputs[0] if len(inputs) == 1 else inputs,
+                                    clone_function=clone)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+Tensors = np.ndarray | dict[str, np.ndarray]
+
+
+def scaled_distance(a: Tensors, reference: Tensors) -> float:
+    """Largest difference of `a` from `reference`, relative to each tensor's largest magnitude (the max over the
+    tensors of a dict): elementwise relative error is meaningless where values cross zero."""
+    if isinstance(reference, dict):
+        return max(scaled_distance(a[k], reference[k]) for k in reference)
+    reference = np.asarray(reference, np.float64)
+    return float(np.abs(np.asarray(a, np.float64) - reference).max() / np.abs(reference).max())
+
+
+def assert_parity(what: str, ours32: Tensors, ours64: Tensors, keras32: Tensors, keras64: Tensors) -> dict:
+    """The parity contract, on the same float32-representable weights and inputs:
+    - float64 flaxresnet equals float64 Keras to FLOAT64_RTOL (the proof: nothing but rounding differs);
+    - float32 flaxresnet is no farther from float64 Keras than FLOAT32_FACTOR x float32 Keras is, plus one
+      float32 epsilon (a floor where Keras' distance is ~0). This holds on any CPU, however it rounds, and fails
+      for a real bug (wrong epsilon, channel order, BN formula), which is far above float32 rounding.
+    Returns the distances (scaled as in `scaled_distance`) and prints them."""
+    figures = {"float64": scaled_distance(ours64, keras64), "flaxresnet32": scaled_distance(ours32, keras64),
+               "keras32": scaled_distance(keras32, keras64)}
+    print(f"{what}: float64 vs Keras float64 {figures['float64']:.2g}; float32 distance to float64: flaxresnet "
+          f"{figures['flaxresnet32']:.2g}, Keras {figures['keras32']:.2g}")
+    assert figures["float64"] <= FLOAT64_RTOL, f"{what}: float64 flaxresnet differs from float64 Keras: {figures}"
+    bound = FLOAT32_FACTOR * figures["keras32"] + np.finfo(np.float32).eps
+    assert figures["flaxresnet32"] <= bound, f"{what}: float32 flaxresnet beyond Keras' own rounding: {figures}"
+    return figures
+
+
+def flax_predict(path, images: np.ndarray, dtype: str = "float32") -> np.ndarray:
+    """A weights file's output on `images` (preprocessed for a ResNet, raw for a classifier), in `dtype`, jitted
+    as flaxresnet runs it: the feature map of a no-top ResNet, the softmax probabilities of a ResNet with a top
+    (what Keras' top outputs), the logits of a classifier (what its Keras export outputs)."""
+    from flaxresnet import ResNet, load_converted
+
+    model, variables = load_converted(path, dtype=dtype)
+    finish = jax.nn.softmax if isinstance(model, ResNet) and model.include_top else (lambda x: x)
+    return np.asarray(jax.jit(lambda v, x: finish(model.apply(v, x)))(variables, images.astype(dtype)))
+
+
+def assert_file_matches_keras(what: str, path, model, images: np.ndarray) -> dict:
+    """`assert_parity` for a converted file against the Keras `model` it came from, on raw RGB `images`."""
+    x = np.asarray(preprocess_input(images))  # float32 values, given exactly to the float64 models
+    ours32, keras32 = flax_predict(path, x), model.predict(x, verbose=0)
+    with float64():
+        ours64 = flax_predict(path, x, "float64")
+        keras64 = float64_twin(model).predict(x.astype(np.float64), verbose=0)
+    return assert_parity(what, ours32, ours64, keras32, keras64)

@@ -13,10 +13,10 @@ import pytest
 from convert import download
 from convert.__main__ import main
 from convert.keras_to_flax import keras_to_flax
-from flaxresnet import UserError, load_converted, preprocess_input
+from flaxresnet import UserError, load_converted
 from flaxresnet.weights_file import load
-from keras_helpers import (keras_resnet, keras_resnet50_v02, layer_weights, random_images,
-                           write_legacy_h5)
+from keras_helpers import (assert_file_matches_keras, keras_resnet, keras_resnet50_v02, layer_weights,
+                           random_images, write_legacy_h5)
 
 
 def strip_layer_names(path) -> None:
@@ -25,15 +25,6 @@ def strip_layer_names(path) -> None:
         for group in f["layers"].values():
             if "vars" in group and "name" in group["vars"].attrs:
                 del group["vars"].attrs["name"]
-
-
-def keras_features(model, images: np.ndarray) -> np.ndarray:
-    return model.predict(np.asarray(preprocess_input(images)), verbose=0)
-
-
-def flax_outputs(path, images: np.ndarray) -> np.ndarray:
-    model, variables = load_converted(path)
-    return np.asarray(model.apply(variables, preprocess_input(images), train=False))
 
 
 def assert_same_variables(a, b) -> None:
@@ -57,9 +48,8 @@ def resnet50(tmp_path_factory):
 
 def test_reference_conversion_matches_keras_and_is_self_describing(resnet50):
     model, folder, _ = resnet50
-    images = random_images(2, 32, seed=5)
-    np.testing.assert_allclose(np.asarray(jax.nn.softmax(flax_outputs(folder / "ref.msgpack", images))),
-                               keras_features(model, images), atol=1e-5)
+    assert_file_matches_keras("ResNet50 32px top probabilities", folder / "ref.msgpack", model,
+                              random_images(2, 32, seed=5))
     _, metadata = load(folder / "ref.msgpack")
     assert metadata["model"] == {"kind": "resnet", "config": {
         "depth": 50, "include_top": True, "num_classes": 10, "bn_epsilon": 1.001e-5, "pool1_pad": 1}}
@@ -105,9 +95,8 @@ def test_v02_naming_converts_with_its_epsilon_and_matches_keras(tmp_path):
     summary = keras_to_flax(str(tmp_path / "v02.h5"), str(tmp_path / "v02.msgpack"))
     assert summary.naming == "v0.2" and summary.depth == 50 and summary.num_classes == 10
     assert load(tmp_path / "v02.msgpack")[1]["model"]["config"]["bn_epsilon"] == 1e-3
-    images = random_images(2, 64, seed=6)
-    probs = np.asarray(jax.nn.softmax(flax_outputs(tmp_path / "v02.msgpack", images)))
-    np.testing.assert_allclose(probs, keras_features(model, images), atol=1e-5)
+    assert_file_matches_keras("ResNet50 v0.2 64px top probabilities", tmp_path / "v02.msgpack", model,
+                              random_images(2, 64, seed=6))
 
 
 @pytest.mark.parametrize("depth,layout", [(101, "weights_h5_unnamed"), (152, "keras_archive")])
@@ -122,13 +111,8 @@ def test_deeper_resnets_match_keras(tmp_path, depth, layout):
         strip_layer_names(path)
     summary = keras_to_flax(str(path), str(tmp_path / "out.msgpack"))
     assert summary.depth == depth and not summary.include_top
-    images = random_images(2, 32, seed=7)
-    reference = keras_features(model, images)
-    diff, scale = np.abs(flax_outputs(tmp_path / "out.msgpack", images) - reference).max(), np.abs(reference).max()
-    print(f"ResNet{depth} 32px no-top features: max abs diff {diff:.3g} (max abs value {scale:.3g})")
-    # 33-50 blocks of float32 accumulation: the bound is relative to the features' scale (~20 here);
-    # measured 5.4e-6 (ResNet101) and 1.2e-5 (ResNet152) of it.
-    assert diff <= 2e-5 * scale
+    assert_file_matches_keras(f"ResNet{depth} 32px no-top features", tmp_path / "out.msgpack", model,
+                              random_images(2, 32, seed=7))
 
 
 # ---- bad input: one line on stderr, exit status 2, no output file ----

@@ -12,7 +12,8 @@ from convert.flax_to_keras import flax_to_keras
 from convert.keras_to_flax import keras_to_flax
 from flaxresnet import load_converted, preprocess_input, train_lib, upsample, weights_file
 from flaxresnet.config import Config
-from keras_helpers import keras_resnet, layer_weights, random_images, write_legacy_h5
+from keras_helpers import (assert_parity, flax_predict, float64, keras_resnet, layer_weights, random_images,
+                           write_legacy_h5)
 
 SIZE = 32
 
@@ -103,7 +104,7 @@ def test_top_round_trip_reproduces_keras_probabilities(keras_files):
     np.testing.assert_allclose(reloaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
 
 
-def test_classifier_exports_to_keras_model_with_the_same_logits(classifier, capsys):
+def test_classifier_exports_to_keras_model_with_the_same_logits(classifier, tmp_path, capsys):
     import keras
 
     out = classifier.with_suffix(".keras")
@@ -114,11 +115,13 @@ def test_classifier_exports_to_keras_model_with_the_same_logits(classifier, caps
         "image", "caffe_preprocess", "upsample", "resnet50", "avg_pool", "dense", "dropout",
         "batch_normalization", "dense_1"]
     images = random_images(4, SIZE, seed=6)  # raw RGB 0..255: the model preprocesses and upsamples itself
-    model, variables = load_converted(classifier)
-    expected = np.asarray(model.apply(variables, images))
-    diff = np.abs(reloaded.predict(images, verbose=0) - expected).max()
-    print(f"classifier .keras vs flaxresnet logits: max abs diff {diff:.3g} (max abs {np.abs(expected).max():.3g})")
-    assert diff <= 1e-4
+    keras32, ours32 = reloaded.predict(images, verbose=0), flax_predict(classifier, images)
+    with float64():  # the same export built in float64 Keras, against flaxresnet in float64
+        flax_to_keras(str(classifier), str(tmp_path / "float64.keras"))
+        keras64 = keras.models.load_model(tmp_path / "float64.keras").predict(images.astype(np.float64), verbose=0)
+        ours64 = flax_predict(classifier, images, "float64")
+    assert keras64.dtype == np.float64
+    assert_parity("classifier .keras vs flaxresnet logits", ours32, ours64, keras32, keras64)
 
 
 @pytest.mark.parametrize("method", ["nearest", "bilinear"])

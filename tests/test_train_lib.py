@@ -208,3 +208,18 @@ def test_backbone_that_does_not_match_is_a_clear_error():
     with pytest.raises(UserError, match=r"conv1_bn/mean: shape \(3,\), expected \(64,\)"):
         train_lib.create_train_state(small_config(), jax.random.key(0),
                                      backbone=(model, {**variables, "batch_stats": stats}))
+
+
+def test_float64_needs_64_bit_jax_and_then_keeps_everything_float64():
+    with pytest.raises(UserError, match="JAX_ENABLE_X64=1"):
+        Config(dtype="float64")
+    model, variables = random_backbone()
+    with pytest.raises(ValueError, match="jax_enable_x64"):
+        jax.eval_shape(model.clone(dtype="float64").init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    with jax.enable_x64(True):
+        state = train_lib.create_train_state(small_config(dtype="float64"), jax.random.key(0),
+                                             backbone=(model, jax.tree.map(lambda x: x.astype(np.float64), variables)))
+        leaves = jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
+        assert {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype("float64")}
+        logits = predict(state.model.clone(axis_name=None), state.variables(), random_batch()["image"])
+        assert logits.dtype == jnp.float64
