@@ -139,6 +139,7 @@ class ResNet(nn.Module):
         """
         if self.depth not in STAGE_BLOCKS:
             raise ValueError(f"depth must be one of {sorted(STAGE_BLOCKS)}, got {self.depth}")
+        wide = param_dtype(self.dtype)  # first: it refuses float64 without 64-bit JAX
         x = jnp.asarray(x, self.dtype)
         x = nn.relu(self._bn(train, "conv1_bn")(self._conv(64, 7, 2, 3, "conv1_conv")(x)))
         self.sow("intermediates", "conv1_relu", x)
@@ -149,7 +150,6 @@ class ResNet(nn.Module):
             for block in range(1, blocks + 1):
                 stride = 2 if block == 1 and stage > 2 else 1
                 x = self._block(x, filters, stride, block == 1, f"conv{stage}_block{block}", train)
-        wide = param_dtype(self.dtype)
         if not self.include_top:
             return x.astype(wide)
         x = jnp.mean(x, axis=(1, 2))
