@@ -1,13 +1,16 @@
 """Fine-tune a ResNet classifier: `python train.py --backbone-weights converted.msgpack` runs the CIFAR-100 recipe.
 
 Parses the command line into the one Config and hands it to `flaxresnet.loop.train_and_evaluate`. Mistakes the
-user can fix (missing weights file, unprepared dataset, ...) end with one line on stderr and exit status 2.
+user can fix (missing weights file, unprepared dataset, ...) end with one line on stderr and exit status 2; a
+run stopped by SIGTERM or Ctrl-C saves a checkpoint, says so in one line and exits with 143 or 130. For a
+multi-process run, every process gets the same command plus its --process-id (README: "Multi-host").
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import typing
 from collections.abc import Callable
@@ -52,24 +55,21 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.add_argument(flag(field.name), dest=field.name, type=_text_to_value(hints[field.name]),
                        default=field.default, required=meta["required"], help=text.replace("%", "%%"),
                        metavar=meta["metavar"] or ("{" + ",".join(map(str, choices)) + "}" if choices else None))
-    config = Config(**vars(p.parse_args(argv)))
-    return config if config.workdir else dataclasses.replace(config, workdir=loop.default_workdir(config.dataset))
+    return Config(**vars(p.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns the exit status (0, 2 for a UserError, 130 when interrupted)."""
-    config = None
-
-    def run() -> None:
-        nonlocal config
-        config = parse_args(argv)
-        loop.train_and_evaluate(config)
-
+    """Run the command; returns the exit status: 0, 2 for a UserError, 143 (SIGTERM) or 130 (Ctrl-C) when
+    stopped with a checkpoint saved, 130 when interrupted before training started or by a second Ctrl-C."""
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's progress notes; its errors still show
     try:
-        return run_command(run)
+        return run_command(lambda: loop.train_and_evaluate(parse_args(argv)))
+    except loop.Preempted as e:
+        print(e, file=sys.stderr)
+        return e.status
     except KeyboardInterrupt:
-        resume = f": rerun with --workdir {config.workdir} to resume from its last checkpoint" if config else ""
-        print(f"interrupted{resume}", file=sys.stderr)
+        print("interrupted, no checkpoint saved: rerun the same command to resume from the last one",
+              file=sys.stderr)
         return 130
 
 

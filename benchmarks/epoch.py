@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def flax_epoch(epoch: int, examples: data.Split, n: int) -> None:
         nonlocal state
-        state, _ = loop.train_epoch(state, examples, config, epoch, n, key)
+        state, _, _ = loop.train_epoch(state, examples, config, epoch, n, key)
 
     def keras_epoch(n: int) -> None:
         model.fit(batches, steps_per_epoch=n, epochs=1, verbose=0, shuffle=False)  # the generator shuffles

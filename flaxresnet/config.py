@@ -24,20 +24,24 @@ from flaxresnet.models import HEADS, STAGE_BLOCKS
 SCHEDULES = ("constant", "cosine")
 UPSAMPLE_METHODS = ("nearest", "bilinear")
 DTYPES = ("float32", "bfloat16", "float64")
+# Steps between checkpoints within an epoch: see the README's "Checkpoints" for the measured cost behind it.
+CHECKPOINT_EVERY = 500
 
 Check = Callable[[Any], str | None]
 
 
 def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, check: Check | None = None,
            metavar: str | None = None, resumable: bool = False, required: bool = False,
-           derived: bool = False) -> Any:
+           derived: bool = False, local: bool = False) -> Any:
     """A Config field: `help` (ending in its own '(default: ...)' where the plain default would mislead),
     `choices` or a `check` returning what is wrong with a value (None if nothing), the command line's
     `metavar`; `resumable`: may change when a stopped run is resumed (it does not change the numbers);
-    `required`: the command line must give it; `derived`: set by the run itself (no flag, not compared)."""
+    `required`: the command line must give it; `derived`: set by the run itself (no flag, not compared);
+    `local`: how this process runs (joins other processes, caches), not a setting of the run: never saved,
+    may change on resume."""
     return dataclasses.field(default=default, metadata={
-        "help": help, "choices": choices, "check": check, "metavar": metavar, "resumable": resumable,
-        "required": required, "derived": derived})
+        "help": help, "choices": choices, "check": check, "metavar": metavar, "resumable": resumable or local,
+        "required": required, "derived": derived, "local": local})
 
 
 def _positive(value: float) -> str | None:
@@ -50,6 +54,10 @@ def _non_negative(value: float) -> str | None:
 
 def _positive_or_none(value: float | None) -> str | None:
     return None if value is None else _positive(value)
+
+
+def _non_negative_or_none(value: int | None) -> str | None:
+    return None if value is None else _non_negative(value)
 
 
 def _fraction(value: float) -> str | None:
@@ -126,8 +134,21 @@ class Config:
                              check=_positive, metavar="N", resumable=True)
     workdir: str | None = option(
         None, "folder of metrics, plots, checkpoints and final.msgpack; rerunning with the same one resumes a "
-              "stopped run (default: a new runs/<dataset>-<date>-<time> each time, printed at the start)",
+              "stopped run (default: a new runs/<dataset>-<date>-<time> each time, printed at the start; a "
+              "multi-process run needs one folder that all processes share)",
         resumable=True)
+    checkpoint_every: int | None = option(
+        CHECKPOINT_EVERY, "checkpoint also every N steps within an epoch, besides after every epoch and on "
+                          "SIGTERM or Ctrl-C; 'none' for epoch ends only", check=_positive_or_none,
+        metavar="STEPS", resumable=True)
+    coordinator: str | None = option(
+        None, "multi-process run: HOST:PORT of process 0 (every process gives the same), or 'auto' to detect "
+              "the cluster (SLURM, Open MPI, TPU pod slice, ...) (default: one process)",
+        metavar="HOST:PORT|auto", local=True)
+    num_processes: int | None = option(None, "multi-process run: the number of processes (with --coordinator)",
+                                       check=_positive_or_none, metavar="N", local=True)
+    process_id: int | None = option(None, "multi-process run: this process's id, 0 to N-1 (with --coordinator)",
+                                    check=_non_negative_or_none, metavar="I", local=True)
 
     def __post_init__(self) -> None:
         # A list from JSON or a command line becomes a tuple, keeping the config hashable.
@@ -141,8 +162,9 @@ class Config:
                 raise UserError(f"{field.name} {problem}", option=field.name)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of every field (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """JSON-able dict of every field but the local ones (tuples become lists): what the run saves."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self) if not f.metadata["local"]}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:

@@ -264,26 +264,27 @@ def num_train_steps(split: Split, batch_size: int) -> int:
     return len(split) // batch_size
 
 
-def train_batches(split: Split, batch_size: int, seed: int, epoch: int) -> Iterator[Batch]:
-    """The batches of one training epoch, shuffled by (seed, epoch) alone, the last partial batch dropped."""
+def train_batches(split: Split, batch_size: int, seed: int, epoch: int, start: int = 0,
+                  rows: slice = slice(None)) -> Iterator[Batch]:
+    """The global batches of one training epoch from batch `start` on, shuffled by (seed, epoch) alone, the last
+    partial batch dropped; of each only `rows` (a process's share, `distributed.process_rows`)."""
     order = np.random.default_rng((seed, epoch)).permutation(len(split))
-    for step in range(num_train_steps(split, batch_size)):
-        indices = order[step * batch_size:(step + 1) * batch_size]
+    for step in range(start, num_train_steps(split, batch_size)):
+        indices = order[step * batch_size:(step + 1) * batch_size][rows]
         yield {"image": split.images[indices], "label": split.labels[indices]}
 
 
-def eval_batches(split: Split, batch_size: int) -> Iterator[Batch]:
-    """Every example once, in order; the last batch is zero-padded to `batch_size` and 'mask' marks real ones."""
+def eval_batches(split: Split, batch_size: int, rows: slice = slice(None)) -> Iterator[Batch]:
+    """Every example once, in order, in global batches of `batch_size`, the last zero-padded with 'mask' marking
+    the real examples; of each only `rows` (a process's share)."""
     if batch_size < 1:
         raise UserError(f"batch size {batch_size} must be at least 1", option="batch_size")
     for start in range(0, len(split), batch_size):
-        images, labels = split.images[start:start + batch_size], split.labels[start:start + batch_size]
-        mask = np.ones(batch_size, bool)
-        if len(labels) < batch_size:
-            pad = batch_size - len(labels)
-            mask[len(labels):] = False
-            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-            labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+        indices = np.arange(start, start + batch_size)[rows]
+        mask = indices < len(split)
+        indices = np.where(mask, indices, 0)
+        images, labels = split.images[indices], split.labels[indices]  # copies: zeroing the padding is safe
+        images[~mask], labels[~mask] = 0, 0
         yield {"image": images, "label": labels, "mask": mask}
 
 

@@ -1,22 +1,31 @@
 """The training loop: `train_and_evaluate(config)` fine-tunes a classifier epoch by epoch with the engine's
-pmapped step, evaluates, logs, plots, checkpoints, and resumes a stopped run where it left off.
+pmapped step on every device of every process, evaluates, logs, plots, checkpoints, stops cleanly when
+preempted, and resumes a stopped run exactly where it left off.
 
-The work folder (`config.workdir`) holds:
-  config.json               the run's Config
-  metrics.jsonl             one JSON object per epoch (epoch, train_loss, train_accuracy, [train_top5,] val_loss,
-                            val_accuracy, [val_top5,] seconds, img_per_s); val_* are null in epochs not evaluated
-  curves.png                loss and accuracy vs epoch, train and validation
-  checkpoint_NNNN.msgpack   after epoch NNNN: the whole TrainState (parameters, BN statistics, optimizer state,
-                            step), the config and the metrics so far; the last KEEP_CHECKPOINTS are kept
-  final.msgpack             the classifier as a weights file: `load_converted` gives a model mapping raw uint8
-                            images at the dataset's native size to logits; metadata has class_names, image_shape
+The work folder (`config.workdir`; one folder that every process of a run shares) holds:
+  config.json          the run's Config
+  metrics.jsonl        one JSON object per epoch (epoch, train_loss, train_accuracy, [train_top5,] val_loss,
+                       val_accuracy, [val_top5,] seconds, img_per_s); val_* are null in epochs not evaluated
+  curves.png           loss and accuracy vs epoch, train and validation
+  checkpoints/STEP/    the whole TrainState after train step STEP, with the config and the metrics so far
+                       (`checkpoints.py`, orbax): after every epoch, every `checkpoint_every` steps within one
+                       and when stopped; the last `checkpoints.KEEP` are kept
+  final.msgpack        the classifier as a weights file: `load_converted` gives a model mapping raw uint8
+                       images at the dataset's native size to logits; metadata has class_names, image_shape
+Process 0 prints and writes them all but the checkpoints, which every process writes its part of.
+
+Several processes (`config.coordinator`, `jax.distributed`): each feeds its own rows of every global batch
+(`distributed.process_rows`) and evaluates its rows of every validation batch; metrics are reduced over all
+devices inside the steps, so every process holds the same numbers.
 
 Determinism: the data order depends on (seed, epoch) alone and each step's randomness on fold_in(key, step),
-so a run resumed from its last checkpoint ends with exactly the numbers of an uninterrupted run.
+and a checkpoint's step says where in the data it was taken: a run resumed from any checkpoint, also one from
+the middle of an epoch, ends with exactly the numbers of an uninterrupted run with the same layout (processes
+and devices; reductions follow the layout, so another layout agrees to rounding only).
 
-One process feeds every local device and writes every file (no multi-host support). This module is train.py's
-engine, so its errors name the options by their train.py flags (`errors.flag`); the library below it (data,
-train_lib, weights_file, ...) speaks of them in its own terms.
+Stopping: after SIGTERM or Ctrl-C (`preemption.StopSignals`) every process saves a checkpoint after the same
+step and `train_and_evaluate` raises `Preempted`. This module is train.py's engine, so its errors name the
+options by their train.py flags (`errors.flag`); the library below it speaks of them in its own terms.
 """
 
 from __future__ import annotations
@@ -26,30 +35,39 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from flax import serialization
+from jax.experimental import multihost_utils
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from tqdm import tqdm
 
-from flaxresnet import data, freeze, train_lib, trees, weights_file
+from flaxresnet import checkpoints, data, distributed, freeze, preemption, train_lib, weights_file
 from flaxresnet.config import Config
 from flaxresnet.errors import UserError, flag
 from flaxresnet.models import Classifier, ResNet
 
-CHECKPOINT_FORMAT = "flaxresnet-checkpoint"
-CHECKPOINT_VERSION = 2  # 2: Adam state for the trainable parameters only
-KEEP_CHECKPOINTS = 2
 # Host fetches of step metrics (for the progress bar and the non-finite check) happen every this many steps.
 FETCH_EVERY = 20
-_CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)\.msgpack")
 
 Row = dict[str, Any]
+StepMetrics = dict[str, float]
+# save(replicated state, step, step metrics of the epoch so far, training seconds of the epoch so far)
+Save = Callable[[train_lib.TrainState, int, list[StepMetrics], float], None]
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM or Ctrl-C after saving a checkpoint; `status` is the exit status to end with
+    (`preemption.EXIT_STATUS`)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def default_workdir(dataset: str) -> str:
@@ -58,20 +76,45 @@ def default_workdir(dataset: str) -> str:
     return f"runs/{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+def say(text: str) -> None:
+    """Print a log line, from process 0 only."""
+    if distributed.is_main():
+        print(text, flush=True)
+
+
 def train_and_evaluate(config: Config) -> Row:
-    """Train and evaluate as `config` says, resuming from the work folder's last checkpoint if there is one.
+    """Train and evaluate as `config` says, resuming from the work folder's newest checkpoint if there is one;
+    as one process of a multi-process run when `config.coordinator` is set (this starts `jax.distributed`,
+    so call it before anything else touches a device).
 
     Returns the last epoch's metrics (a metrics.jsonl row). Foreseeable problems (weights file, dataset,
-    batch size, corrupt checkpoint, non-finite loss, ...) raise UserError, checked before slow work starts.
+    batch size, corrupt checkpoint, non-finite loss, ...) raise UserError, checked before slow work starts;
+    SIGTERM or Ctrl-C while training raises Preempted once a checkpoint is saved.
     """
-    train_lib.check_batch_size(config.batch_size)
+    distributed.initialize(config.coordinator, config.num_processes, config.process_id)
+    distributed.check_batch_size(config.batch_size)
     if config.workdir is None:
+        if jax.process_count() > 1:
+            raise UserError("a multi-process run needs --workdir: one folder that every process shares")
         config = dataclasses.replace(config, workdir=default_workdir(config.dataset))
     workdir = Path(config.workdir)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"work folder {workdir} is a file, not a folder: choose another --workdir")
+    if old := sorted(workdir.glob("checkpoint_*.msgpack")):
+        raise UserError(f"{workdir} holds checkpoints of an older flaxresnet ({old[-1].name}), which this one "
+                        f"does not resume: use a fresh --workdir")
     backbone = load_backbone(config)
-    resume = latest_checkpoint(workdir)
+    store = checkpoints.Checkpoints(workdir / "checkpoints")
+    try:
+        return _run(config, workdir, backbone, store)
+    finally:
+        store.close()
+
+
+def _run(config: Config, workdir: Path, backbone: tuple[ResNet, dict[str, Any]] | None,
+         store: checkpoints.Checkpoints) -> Row:
+    """`train_and_evaluate` once the processes, the work folder and the backbone are there."""
+    resume = store.latest()
     if resume is not None:
         check_resumable(resume, config)
 
@@ -80,10 +123,11 @@ def train_and_evaluate(config: Config) -> Row:
     image_shape = ds.train.images.shape[1:]
     check_image_size(config, image_shape)
     steps_per_epoch = data.num_train_steps(ds.train, config.batch_size)
-    print(f"dataset {config.dataset}: {len(ds.train)} training and {len(ds.validation)} validation images of "
-          f"{image_shape[0]}x{image_shape[1]} px (model input {config.image_size or image_shape[0]} px), "
-          f"{ds.num_classes} classes; {steps_per_epoch} steps of {config.batch_size} an epoch on "
-          f"{jax.device_count()} {jax.devices()[0].platform.upper()} device(s)")
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    say(f"dataset {config.dataset}: {len(ds.train)} training and {len(ds.validation)} validation images of "
+        f"{image_shape[0]}x{image_shape[1]} px (model input {config.image_size or image_shape[0]} px), "
+        f"{ds.num_classes} classes; {steps_per_epoch} steps of {config.batch_size} an epoch on "
+        f"{jax.device_count()} {jax.devices()[0].platform.upper()} device(s){processes}")
 
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
 
@@ -91,40 +135,74 @@ def train_and_evaluate(config: Config) -> Row:
         return train_lib.create_train_state(config, init_key, image_shape, backbone,
                                             config.epochs * steps_per_epoch)
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        workdir.mkdir(parents=True, exist_ok=True)
     if resume is None:
-        state, history = new_state(), []
-        print(f"work folder {workdir}: new run (rerun with --workdir {workdir} to resume it if stopped)")
+        state, history, done, seconds = new_state(), [], [], 0.0
+        say(f"work folder {workdir}: new run (rerun the same command to resume it if stopped)")
     else:
-        state, history = restore_checkpoint(resume, jax.eval_shape(new_state)), resume.history
-        print(f"work folder {workdir}: resuming after epoch {resume.epoch} from {resume.path.name}")
-    print(freeze.format_counts(freeze.parameter_counts(state.variables(), state.settings.frozen)))
-    _write_json(workdir / "config.json", config.to_dict())
-    write_metrics(workdir, history)
+        state = store.restore(resume, jax.eval_shape(new_state))
+        history, done, seconds = resume.meta.history, resume.meta.epoch_metrics, resume.meta.epoch_seconds
+        say(f"work folder {workdir}: resuming {describe_position(resume, steps_per_epoch)} from "
+            f"{resume.path.relative_to(workdir)}")
+        if resume.meta.layout != checkpoints.current_layout():
+            say(f"note: the checkpoint was written by {format_layout(resume.meta.layout)}, this run has "
+                f"{format_layout(checkpoints.current_layout())}: the numbers agree with an uninterrupted run "
+                f"to rounding only (dropout masks follow the device count)")
+    say(freeze.format_counts(freeze.parameter_counts(state.variables(), state.settings.frozen)))
+    if distributed.is_main():
+        _write_json(workdir / "config.json", config.to_dict())
+        write_metrics(workdir, history)
+
+    def save(state: train_lib.TrainState, step: int, fetched: list[StepMetrics], seconds: float) -> None:
+        store.save(step, state, checkpoints.Meta(config, history, fetched, seconds))
 
     state = train_lib.replicate(state)
-    for epoch in range(len(history) + 1, config.epochs + 1):
-        start = time.perf_counter()
-        state, row = train_epoch(state, ds.train, config, epoch, steps_per_epoch, train_key)
-        img_per_s = steps_per_epoch * config.batch_size / (time.perf_counter() - start)
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
-            result = evaluate(state.model, state.variables(), ds.validation, config.batch_size)
-            row.update(val_loss=result.loss, val_accuracy=result.accuracy)
-            if result.top5 is not None:
-                row["val_top5"] = result.top5
-        else:
-            row.update(val_loss=None, val_accuracy=None)
-        row.update(seconds=time.perf_counter() - start, img_per_s=img_per_s)
-        history.append(row)
-        save_checkpoint(workdir, state, config, history)
-        write_metrics(workdir, history)
-        print(format_row(row, config.epochs))
+    with preemption.StopSignals() as stop:
+        for epoch in range(len(history) + 1, config.epochs + 1):
+            start = time.perf_counter()
+            state, row, train_seconds = train_epoch(state, ds.train, config, epoch, steps_per_epoch, train_key,
+                                                    done=done, seconds=seconds, save=save, stop=stop)
+            if epoch % config.eval_every == 0 or epoch == config.epochs:
+                result = evaluate(state.model, state.variables(), ds.validation, config.batch_size)
+                row.update(val_loss=result.loss, val_accuracy=result.accuracy)
+                if result.top5 is not None:
+                    row["val_top5"] = result.top5
+            else:
+                row.update(val_loss=None, val_accuracy=None)
+            row.update(seconds=seconds + time.perf_counter() - start,
+                       img_per_s=steps_per_epoch * config.batch_size / train_seconds)
+            history.append(row)
+            save(state, epoch * steps_per_epoch, [], 0.0)
+            if distributed.is_main():
+                write_metrics(workdir, history)
+            say(format_row(row, config.epochs))
+            done, seconds = [], 0.0
 
-    train_lib.save_classifier(str(workdir / "final.msgpack"), train_lib.unreplicate(state),
-                              config=config.to_dict(), class_names=ds.class_names,
-                              image_shape=list(image_shape), dataset=config.dataset, metrics=history[-1])
-    print(f"final classifier: {workdir / 'final.msgpack'}")
+    if distributed.is_main():
+        train_lib.save_classifier(str(workdir / "final.msgpack"), train_lib.unreplicate(state),
+                                  config=config.to_dict(), class_names=ds.class_names,
+                                  image_shape=list(image_shape), dataset=config.dataset, metrics=history[-1])
+    say(f"final classifier: {workdir / 'final.msgpack'}")
     return history[-1]
+
+
+def describe_position(checkpoint: checkpoints.Checkpoint, steps_per_epoch: int) -> str:
+    """'after epoch E (step N)' or 'at step N (epoch E, batch B of S)'; UserError if the checkpoint's step
+    does not fall where its metrics say (the dataset changed size, e.g. another --data-dir)."""
+    finished, partial = len(checkpoint.meta.history), len(checkpoint.meta.epoch_metrics)
+    if checkpoint.step != finished * steps_per_epoch + partial or partial > steps_per_epoch:
+        raise UserError(f"checkpoint {checkpoint.path} was taken at step {checkpoint.step} after {finished} "
+                        f"epochs and {partial} steps, which does not fit this dataset's {steps_per_epoch} steps "
+                        f"an epoch: resume it with the data it was trained on, or use a fresh --workdir")
+    if not partial:
+        return f"after epoch {finished} (step {checkpoint.step})"
+    return f"at step {checkpoint.step} (epoch {finished + 1}, batch {partial} of {steps_per_epoch})"
+
+
+def format_layout(layout: dict[str, int]) -> str:
+    """'2 processes with 4 devices in all'."""
+    return f"{layout['processes']} process(es) with {layout['devices']} device(s) in all"
 
 
 def load_backbone(config: Config) -> tuple[ResNet, dict[str, Any]] | None:
@@ -152,28 +230,34 @@ def check_image_size(config: Config, image_shape: tuple[int, ...]) -> None:
 
 
 def train_epoch(state: train_lib.TrainState, split: data.Split, config: Config, epoch: int, steps: int,
-                key: jax.Array) -> tuple[train_lib.TrainState, Row]:
-    """Run one epoch of training steps on a replicated state; returns it and the epoch's mean train metrics.
+                key: jax.Array, *, done: list[StepMetrics] = (), seconds: float = 0.0, save: Save | None = None,
+                stop: preemption.StopSignals | None = None) -> tuple[train_lib.TrainState, Row, float]:
+    """Run (the rest of) one epoch of training steps on a replicated state; returns it, the epoch's mean train
+    metrics and its training seconds.
 
-    Step metrics stay on device and are fetched every FETCH_EVERY steps (all but the newest, so the device
-    keeps working) to update the progress bar and stop at a non-finite loss.
+    `done` and `seconds` are the step metrics and training seconds of the epoch's batches already run (a
+    resumed epoch starts after them). `save` checkpoints every `config.checkpoint_every` steps within the
+    epoch, and when `stop` asks after a step, before raising Preempted. Step metrics stay on device and are
+    fetched every FETCH_EVERY steps (all but the newest, so the device keeps working) to update the progress
+    bar and stop at a non-finite loss.
     """
-    batches = data.prefetch_to_device(data.train_batches(split, config.batch_size, config.seed, epoch))
+    batches = data.prefetch_to_device(data.train_batches(
+        split, config.batch_size, config.seed, epoch, len(done), distributed.process_rows(config.batch_size)))
     first_step = (epoch - 1) * steps + 1
     pending: list[train_lib.Metrics] = []
-    fetched: list[dict[str, float]] = []
-    with tqdm(total=steps * config.batch_size, desc=f"epoch {epoch}/{config.epochs}", unit="img", leave=False,
-              disable=None) as bar:
+    fetched: list[StepMetrics] = list(done)
+    begin = time.perf_counter()
+    with tqdm(total=steps * config.batch_size, initial=len(done) * config.batch_size, desc=f"epoch {epoch}/"
+              f"{config.epochs}", unit="img", leave=False, disable=None if distributed.is_main() else True) as bar:
 
         def fetch(count: int) -> None:
             for metrics in jax.device_get(pending[:count]):
                 values = {k: float(v[0]) for k, v in metrics.items()}  # pmean: every device has the same
                 if not math.isfinite(values["loss"]):
                     step = first_step + len(fetched)
-                    kept = f" (the checkpoint of epoch {epoch - 1} is kept)" if epoch > 1 else ""
                     raise UserError(f"the training loss is {values['loss']} at step {step} (epoch {epoch}, batch "
                                     f"{step - first_step + 1} of {steps}): stopped; lower --learning-rate or "
-                                    f"set --clip-norm{kept}")
+                                    f"set --clip-norm, in a fresh --workdir (resuming this one repeats it)")
                 fetched.append(values)
             del pending[:count]
             bar.update(count * config.batch_size)
@@ -184,12 +268,24 @@ def train_epoch(state: train_lib.TrainState, split: data.Split, config: Config, 
         for batch in batches:
             state, metrics = train_lib.p_train_step(state, batch, key)
             pending.append(metrics)
-            if len(pending) > FETCH_EVERY:
+            finished = len(fetched) + len(pending)
+            step = first_step - 1 + finished  # the steps done in all
+            if stop is not None and stop.requested(step):
+                fetch(len(pending))
+                if save is not None:
+                    save(state, step, fetched, seconds + time.perf_counter() - begin)
+                raise Preempted(f"{stop.reason} at step {step} (epoch {epoch}, batch {finished} of {steps}): checkpoint "
+                                f"saved; rerun the same command to resume", stop.exit_status)
+            if save is not None and config.checkpoint_every and not step % config.checkpoint_every \
+                    and finished < steps:
+                fetch(len(pending))
+                save(state, step, fetched, seconds + time.perf_counter() - begin)
+            elif len(pending) > FETCH_EVERY:
                 fetch(len(pending) - 1)
         fetch(len(pending))
     means = {f"train_{k}": float(np.mean([m[k] for m in fetched])) for k in ("loss", "accuracy", "top5")
              if k in fetched[0]}
-    return state, {"epoch": epoch, **means}
+    return state, {"epoch": epoch, **means}, seconds + time.perf_counter() - begin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,20 +301,24 @@ class Evaluation:
 
 def evaluate(model: Classifier, variables: dict[str, Any], split: data.Split, batch_size: int) -> Evaluation:
     """Evaluate `model` with replicated `variables` (`train_lib.replicate`) on every example of `split` once, in
-    global batches of `batch_size`, with the engine's `p_eval_step`: the training loop's validation every
-    epoch and `python -m flaxresnet.evaluate` are this one function."""
+    global batches of `batch_size` (each process runs its rows of each), with the engine's `p_eval_step`: the
+    training loop's validation every epoch and `python -m flaxresnet.evaluate` are this one function."""
     if not len(split):
         raise UserError("the split to evaluate on has no examples")
     sums, predictions = [], []
-    for batch in data.prefetch_to_device(data.eval_batches(split, batch_size)):
+    for batch in data.prefetch_to_device(data.eval_batches(split, batch_size,
+                                                           distributed.process_rows(batch_size))):
         batch_sums, batch_predictions = train_lib.p_eval_step(model, variables, batch)
         sums.append(jax.tree.map(lambda x: x[0], batch_sums))  # psum: every device holds the global sums
         predictions.append(batch_predictions.reshape(-1))
     totals = {k: float(np.sum([np.asarray(s[k], np.float64) for s in sums])) for k in sums[0]}
     count = int(totals["count"])
+    ours = np.stack(jax.device_get(predictions))  # (batches, this process's rows)
+    if jax.process_count() > 1:  # every process's rows of each batch, in process order
+        ours = np.swapaxes(multihost_utils.process_allgather(ours), 0, 1)
     return Evaluation(loss=totals["loss"] / count, accuracy=totals["accuracy"] / count,
                       top5=totals["top5"] / count if "top5" in totals else None, count=count,
-                      predictions=np.concatenate(jax.device_get(predictions))[:len(split)])
+                      predictions=ours.reshape(-1)[:len(split)])
 
 
 def format_row(row: Row, epochs: int) -> str:
@@ -232,93 +332,26 @@ def format_row(row: Row, epochs: int) -> str:
             f"{row['img_per_s']:.0f} img/s")
 
 
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    """A checkpoint file read from the work folder: its epoch, config, metrics history and the raw state."""
-
-    path: Path
-    epoch: int
-    config: Config
-    history: list[Row]
-    state: dict[str, Any]
-
-
-def checkpoint_paths(workdir: Path) -> list[Path]:
-    """The work folder's checkpoint files, oldest epoch first."""
-    found = [(int(m.group(1)), p) for p in workdir.glob("checkpoint_*.msgpack")
-             if (m := _CHECKPOINT_NAME.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(workdir: Path) -> Checkpoint | None:
-    """The newest checkpoint in `workdir`, or None; UserError naming the file if it cannot be read."""
-    paths = checkpoint_paths(workdir)
-    if not paths:
-        return None
-    path = paths[-1]
-    advice = (f"delete it to resume from the one before ({paths[-2].name})" if len(paths) > 1
-              else "delete it to start the run over")
-
-    def damaged(why: str) -> str:
-        return (f"checkpoint {path} is corrupt or not a flaxresnet checkpoint ({why}): {advice}, or use a fresh "
-                f"--workdir")
-
-    contents = weights_file.read_msgpack(
-        path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, damaged,
-        lambda version: f"checkpoint {path} has version {version}, this flaxresnet resumes version "
-                        f"{CHECKPOINT_VERSION}: {advice}, or use a fresh --workdir")
-    try:
-        if not isinstance(contents["state"], dict):
-            raise TypeError(f"state is a {type(contents['state']).__name__}")
-        return Checkpoint(path, int(contents["epoch"]), Config.from_dict(json.loads(contents["config"])),
-                          json.loads(contents["history"]), contents["state"])
-    except (KeyError, TypeError, ValueError, UserError) as e:  # a missing entry, bad JSON, an unknown setting
-        raise UserError(damaged(f"{type(e).__name__}: {e}")) from e
-
-
-def check_resumable(checkpoint: Checkpoint, config: Config) -> None:
+def check_resumable(checkpoint: checkpoints.Checkpoint, config: Config) -> None:
     """UserError unless `config` continues the checkpoint's run: equal settings (but those the Config marks
     resumable or derived) and enough epochs (the cosine schedule's dependence on epochs is checked here)."""
-    saved = checkpoint.config
+    saved = checkpoint.meta.config
     changed = [f"{flag(f.name)} {getattr(saved, f.name)} -> {getattr(config, f.name)}"
                for f in dataclasses.fields(Config)
                if not (f.metadata["resumable"] or f.metadata["derived"])
                and getattr(saved, f.name) != getattr(config, f.name)]
     fresh = "or use a fresh --workdir"
+    folder = checkpoint.path.parent.parent
     if changed:
-        raise UserError(f"{checkpoint.path.parent} holds a run with other settings ({'; '.join(changed)}): "
-                        f"rerun with its settings (see its config.json) to resume it, {fresh}")
+        raise UserError(f"{folder} holds a run with other settings ({'; '.join(changed)}): rerun with its "
+                        f"settings (see its config.json) to resume it, {fresh}")
     if saved.schedule == "cosine" and saved.epochs != config.epochs:
-        raise UserError(f"{checkpoint.path.parent} holds a run whose cosine schedule decays to zero at epoch "
-                        f"{saved.epochs}, not {config.epochs}: resume it with --epochs {saved.epochs}, {fresh}")
-    if checkpoint.epoch > config.epochs:
-        raise UserError(f"{checkpoint.path} is already past epoch {config.epochs}: pass --epochs "
-                        f"{checkpoint.epoch} or more to continue it, {fresh}")
-
-
-def save_checkpoint(workdir: Path, state: train_lib.TrainState, config: Config, history: list[Row]) -> None:
-    """Write checkpoint_<epoch>.msgpack atomically from a replicated state; keep the last KEEP_CHECKPOINTS."""
-    epoch = len(history)
-    blob = serialization.msgpack_serialize({
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "epoch": epoch,
-        "config": json.dumps(config.to_dict()),
-        "history": json.dumps(history),
-        "state": serialization.to_state_dict(jax.device_get(train_lib.unreplicate(state))),
-    })
-    weights_file.atomic_write(workdir / f"checkpoint_{epoch:04d}.msgpack", lambda f: f.write(blob))
-    for old in checkpoint_paths(workdir)[:-KEEP_CHECKPOINTS]:
-        old.unlink()
-
-
-def restore_checkpoint(checkpoint: Checkpoint, target: train_lib.TrainState) -> train_lib.TrainState:
-    """The (unreplicated) state saved in `checkpoint`; `target` gives the state's structure, shapes and dtypes
-    (e.g. `jax.eval_shape` of creating it). UserError naming what does not match."""
-    trees.check(serialization.to_state_dict(target), checkpoint.state,
-                f"checkpoint {checkpoint.path} does not fit this run", "delete it or use a fresh --workdir",
-                dtypes=True)
-    return serialization.from_state_dict(target, checkpoint.state)
+        raise UserError(f"{folder} holds a run whose cosine schedule decays to zero at epoch {saved.epochs}, not "
+                        f"{config.epochs}: resume it with --epochs {saved.epochs}, {fresh}")
+    reached = len(checkpoint.meta.history) + bool(checkpoint.meta.epoch_metrics)
+    if reached > config.epochs:
+        raise UserError(f"{folder} holds a run already in epoch {reached}: pass --epochs {reached} or more to "
+                        f"continue it, {fresh}")
 
 
 def write_metrics(workdir: Path, history: list[Row]) -> None:

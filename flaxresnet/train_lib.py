@@ -14,9 +14,9 @@ schedule) epochs share one compiled step.
 Randomness: one root key. Step t uses fold_in(root, t); augmentation keys are fold_in(that, global example
 index), so augmentations do not depend on the device count; dropout uses one key per device.
 
-One host only: the training loop feeds the whole global batch from one process and writes every file from
-it. The step itself numbers examples by `lax.axis_index`, so a multi-host loop (`jax.distributed`, each
-process feeding its slice of the global batch, process 0 writing) could reuse it; that loop does not exist.
+Many hosts: each process feeds its local devices its rows of every global batch (`distributed.process_rows`);
+the step numbers examples by `lax.axis_index` over the devices of all processes, so its numbers are those of
+one process with as many devices.
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ import optax
 from flax import jax_utils, struct
 
 from flaxresnet import augment as augment_lib
-from flaxresnet import freeze, optim, trees, weights_file
+from flaxresnet import distributed, freeze, optim, trees, weights_file
 from flaxresnet.config import Config
-from flaxresnet.errors import UserError
 from flaxresnet.models import Classifier, ResNet
 
 AXIS = "batch"
@@ -103,7 +102,7 @@ def create_train_state(config: Config, rng: jax.Array, image_shape: tuple[int, i
     backbone exactly (an ImageNet `predictions` layer is dropped). `image_shape` is one input image's
     (H, W, C) at native size; `total_steps` is needed by the cosine schedule.
     """
-    check_batch_size(config.batch_size)
+    distributed.check_batch_size(config.batch_size)
     model = build_classifier(config, None if backbone is None else backbone[0])
     images = jnp.zeros((1, *image_shape), jnp.uint8)
     if backbone is None:
@@ -136,14 +135,6 @@ def _with_backbone(model: Classifier, rng: jax.Array, images: jax.Array, backbon
     for collection, tree in head.items():
         variables[collection]["head"] = tree["head"]
     return variables
-
-
-def check_batch_size(batch_size: int) -> None:
-    """UserError unless the global batch splits evenly over all devices (of all hosts)."""
-    devices = jax.device_count()
-    if batch_size % devices:
-        raise UserError(f"batch size {batch_size} does not divide evenly over {devices} devices: use a "
-                        f"multiple of {devices}")
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:

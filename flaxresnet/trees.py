@@ -32,19 +32,23 @@ def flatten(tree: Mapping[str, Any], depth: int | None = None) -> dict[str, Any]
 def problems(expected: Mapping[str, Any], given: Mapping[str, Any], *, depth: int | None = None,
              unit: str = "", dtypes: bool = False) -> list[str]:
     """Every difference of `given` from `expected`, in path order: 'missing P', 'unexpected P', 'P: shape S,
-    expected E' and (with `dtypes`) 'P: dtype D, expected E'. Leaves of `expected` are arrays or
-    `jax.ShapeDtypeStruct`s; with `depth`, only the names down to that level are compared. `unit` is the word
-    before a missing or unexpected path ('layer ')."""
+    expected E' and (with `dtypes`) 'P: dtype D, expected E'. Leaves are arrays or anything with a shape
+    and dtype (`jax.ShapeDtypeStruct`, orbax's array metadata); with `depth`, only the names down to that level
+    are compared. `unit` is the word before a missing or unexpected path ('layer ')."""
     want, got = flatten(expected, depth), flatten(given, depth)
     found = [f"missing {unit}{path}" for path in sorted(want.keys() - got.keys())]
     found += [f"unexpected {unit}{path}" for path in sorted(got.keys() - want.keys())]
     if depth is None:
         for path in sorted(want.keys() & got.keys()):
-            if np.shape(got[path]) != np.shape(want[path]):
-                found.append(f"{path}: shape {np.shape(got[path])}, expected {np.shape(want[path])}")
+            if _shape(got[path]) != _shape(want[path]):
+                found.append(f"{path}: shape {_shape(got[path])}, expected {_shape(want[path])}")
             elif dtypes and _dtype(got[path]) != _dtype(want[path]):
                 found.append(f"{path}: dtype {_dtype(got[path])}, expected {_dtype(want[path])}")
     return found
+
+
+def _shape(leaf: Any) -> tuple[int, ...]:
+    return tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
 
 
 def _dtype(leaf: Any) -> np.dtype:

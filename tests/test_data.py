@@ -216,6 +216,30 @@ def test_train_batches():
         next(data.train_batches(split, 64, seed=0, epoch=0))
 
 
+def test_train_batches_from_a_step_and_per_process_rows():
+    """A resumed epoch starts at its batch; processes' rows of every global batch put together are the batch."""
+    split = synthetic_split(50)
+    epoch = list(data.train_batches(split, 16, seed=0, epoch=3))
+    later = list(data.train_batches(split, 16, seed=0, epoch=3, start=2))
+    assert len(later) == 1 and all(np.array_equal(later[0][k], epoch[2][k]) for k in ("image", "label"))
+    halves = [list(data.train_batches(split, 16, seed=0, epoch=3, rows=slice(i * 8, (i + 1) * 8))) for i in (0, 1)]
+    for whole, first, second in zip(epoch, *halves):
+        assert len(first["label"]) == 8
+        np.testing.assert_array_equal(np.concatenate([first["label"], second["label"]]), whole["label"])
+        np.testing.assert_array_equal(np.concatenate([first["image"], second["image"]]), whole["image"])
+
+
+def test_eval_batches_per_process_rows():
+    split = synthetic_split(50)
+    whole = list(data.eval_batches(split, 16))
+    halves = [list(data.eval_batches(split, 16, rows=slice(i * 8, (i + 1) * 8))) for i in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) == len(whole) == 4
+    for batch, first, second in zip(whole, *halves):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), batch[key])
+    assert not halves[1][-1]["mask"].any()  # the last batch holds 2 examples: all in process 0's rows
+
+
 def test_eval_batches():
     split = synthetic_split(50)
     batches = list(data.eval_batches(split, 16))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from flaxresnet import data, load_converted, loop, train_lib, weights_file
+from flaxresnet import checkpoints, data, load_converted, loop, train_lib, weights_file
 from flaxresnet.config import Config
 from flaxresnet.errors import UserError
 from flaxresnet.models import Classifier
@@ -95,15 +96,14 @@ def test_cifar100_extended_run_equals_uninterrupted_and_final_file_predicts(tmp_
 
         status, out, err = run(capsys, *cifar, "--epochs", 3, "--workdir", tmp_path / "split")
         assert status == 0, err
-        assert "resuming after epoch 1 from checkpoint_0001.msgpack" in out
+        assert "resuming after epoch 1 (step 2) from checkpoints/2" in out
         assert "epoch 1/3" not in out and "epoch 3/3" in out
         ds = data.load_dataset("cifar100", str(tfds_dir))
 
     full, split = tmp_path / "full", tmp_path / "split"
     assert numbers(split) == numbers(full) and [r["epoch"] for r in rows(full)] == [1, 2, 3]
     assert rows(split)[0] == one[0]  # the first run's row is kept, timings included
-    assert sorted(p.name for p in split.glob("checkpoint_*")) == ["checkpoint_0002.msgpack",
-                                                                   "checkpoint_0003.msgpack"]
+    assert sorted(int(p.name) for p in (split / "checkpoints").iterdir()) == [2, 4, 6]  # after each epoch
     assert json.loads((split / "config.json").read_text())["num_classes"] == 100
     assert (split / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -124,17 +124,19 @@ def test_cifar100_extended_run_equals_uninterrupted_and_final_file_predicts(tmp_
     assert result.accuracy == np.mean(np.argmax(logits, -1) == ds.validation.labels)
 
 
-def test_run_stopped_mid_epoch_resumes_to_the_same_numbers(tmp_path, backbone_file, capsys, monkeypatch):
+def test_ctrl_c_mid_epoch_saves_and_resumes_to_the_same_numbers(tmp_path, backbone_file, capsys, monkeypatch):
+    """Ctrl-C after the last batch of epoch 2 (before its evaluation): a checkpoint of that step, exit status 130;
+    the resumed run evaluates, replaces that checkpoint with the epoch's own and ends as an uninterrupted run."""
     tfds_dir = tmp_path / "tfds"
-    cosine = ("--backbone-weights", backbone_file, "--data-dir", tfds_dir, *TINY, "--epochs", 2,
+    cosine = ("--backbone-weights", backbone_file, "--data-dir", tfds_dir, *TINY, "--epochs", 3,
               "--schedule", "cosine", "--eval-every", 2)
     step = train_lib.p_train_step
     calls = []
 
     def interrupted_step(*args):
         calls.append(1)
-        if len(calls) == 4:  # the second step of epoch 2: epoch 1 is checkpointed, epoch 2 half done
-            raise KeyboardInterrupt
+        if len(calls) == 4:  # the second step of epoch 2: epoch 1 is checkpointed, epoch 2 trained
+            os.kill(os.getpid(), signal.SIGINT)
         return step(*args)
 
     with mock_tfds(tfds_dir, num_examples=EXAMPLES):
@@ -143,18 +145,21 @@ def test_run_stopped_mid_epoch_resumes_to_the_same_numbers(tmp_path, backbone_fi
         monkeypatch.setattr(train_lib, "p_train_step", interrupted_step)
         status, _, err = run(capsys, *cosine, "--workdir", tmp_path / "stopped")
         assert status == 130
-        assert err == f"interrupted: rerun with --workdir {tmp_path / 'stopped'} to resume from its last checkpoint\n"
+        assert err == ("interrupted at step 4 (epoch 2, batch 2 of 2): checkpoint saved; rerun the same command "
+                       "to resume\n")
         assert not (tmp_path / "stopped" / "final.msgpack").exists()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are put back
         monkeypatch.undo()
         status, out, err = run(capsys, *cosine, "--workdir", tmp_path / "stopped")
         assert status == 0, err
-        assert "resuming after epoch 1" in out
+        assert "resuming at step 4 (epoch 2, batch 2 of 2) from checkpoints/4" in out
+        assert "epoch 2/3: train loss" in out
         # A cosine schedule ends at --epochs: the run cannot be extended, and says so.
-        status, _, err = run(capsys, *cosine[:-4], "--epochs", 3, "--schedule", "cosine",
+        status, _, err = run(capsys, *cosine[:-4], "--epochs", 4, "--schedule", "cosine",
                              "--workdir", tmp_path / "stopped")
     assert numbers(tmp_path / "stopped") == numbers(tmp_path / "full")
     assert rows(tmp_path / "full")[0]["val_loss"] is None  # --eval-every 2
-    assert status == 2 and "cosine schedule decays to zero at epoch 2" in err and err.count("\n") == 1
+    assert status == 2 and "cosine schedule decays to zero at epoch 3" in err and err.count("\n") == 1
 
 
 def test_runs_differing_in_run_settings_share_the_compiled_steps(tmp_path, backbone_file, capsys, monkeypatch):
@@ -229,8 +234,14 @@ def bad_image_folder(tmp_path: Path) -> Path:
 
 
 def corrupt_checkpoint(tmp_path: Path) -> Path:
+    (tmp_path / "run" / "checkpoints" / "7" / "meta").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "7" / "meta" / "metadata").write_text("{truncated")
+    return tmp_path / "run"
+
+
+def old_checkpoint(tmp_path: Path) -> Path:
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "checkpoint_0001.msgpack").write_bytes(b"\x93truncated")
+    (tmp_path / "run" / "checkpoint_0001.msgpack").write_bytes(b"\x93")
     return tmp_path / "run"
 
 
@@ -254,12 +265,18 @@ def keras_h5_file(tmp_path: Path) -> Path:
     (lambda t: ["--backbone-weights", "none", "--dataset", f"folder:{bad_image_folder(t)}"],
      "cannot read image {t}/images/b/broken.png"),
     (lambda t: ["--backbone-weights", "none", "--workdir", corrupt_checkpoint(t)],
-     "checkpoint {t}/run/checkpoint_0001.msgpack is corrupt or not a flaxresnet checkpoint"),
+     "checkpoint {t}/run/checkpoints/7 is corrupt or not a flaxresnet checkpoint (JSONDecodeError: "),
+    (lambda t: ["--backbone-weights", "none", "--workdir", old_checkpoint(t)],
+     "{t}/run holds checkpoints of an older flaxresnet (checkpoint_0001.msgpack), which this one does not "
+     "resume: use a fresh --workdir"),
+    (lambda t: ["--backbone-weights", "none", "--coordinator", "127.0.0.1:1234"],
+     "a multi-process run needs all of coordinator (HOST:PORT of process 0), num_processes and process_id, or "
+     "coordinator 'auto' (set --coordinator)"),
     (lambda t: ["--backbone-weights", "none", "--dataset", "digits", "--image-size", "20"],
      "--image-size 20 is not a whole multiple of the dataset's 8x8 images"),
     (lambda t: ["--backbone-weights", "none", "--augment", "rotate"], "unknown augmentation(s) rotate"),
 ], ids=["missing-weights", "corrupt-weights", "keras-weights", "unprepared-dataset", "empty-folder", "unreadable-image",
-        "corrupt-checkpoint", "image-size", "augment"])
+        "corrupt-checkpoint", "old-checkpoint", "half-multi-process", "image-size", "augment"])
 def test_mistakes_fail_fast_with_one_line(tmp_path, capsys, argv, message):
     status, out, err = run(capsys, *argv(tmp_path), "--workdir", tmp_path / "run")
     assert status == 2
@@ -274,6 +291,13 @@ def test_every_option_is_a_flag_of_its_field():
                             depth=101, workdir="w")
     assert train.parse_args(["--backbone-weights", "b.msgpack", "--augment", "flip, cutout",
                              "--workdir", "w"]).augment == ("flip", "cutout")
+    launch = train.parse_args(["--backbone-weights", "none", "--coordinator", "10.0.0.1:1234", "--num-processes", "2",
+                               "--process-id", "1", "--checkpoint-every", "none"])
+    assert (launch.coordinator, launch.num_processes, launch.process_id) == ("10.0.0.1:1234", 2, 1)
+    assert launch.checkpoint_every is None and launch.workdir is None  # the loop names a fresh folder
+    # How a process joins the run is not a setting of the run: never saved, so resuming may change it.
+    assert launch.to_dict() == Config(backbone_weights=None, checkpoint_every=None).to_dict()
+    assert not {"coordinator", "num_processes", "process_id"} & set(launch.to_dict())
 
 
 def test_batch_size_not_divisible_by_devices(tmp_path):
@@ -282,22 +306,27 @@ def test_batch_size_not_divisible_by_devices(tmp_path):
                            "--batch-size", "7", "--workdir", tmp_path / "run"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr == ("error: batch size 7 does not divide evenly over 2 devices: use a multiple of 2\n")
+    assert done.stderr == ("error: batch size 7 does not divide evenly over 2 devices: use a multiple of 2 (set "
+                           "--batch-size)\n")
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"epochs": 5, "eval_every": 2, "workdir": "elsewhere", "data_dir": "moved"}, None),
+    ({"epochs": 5, "eval_every": 2, "workdir": "elsewhere", "data_dir": "moved", "checkpoint_every": 7,
+      "coordinator": "h:1", "num_processes": 2, "process_id": 1}, None),
     ({"learning_rate": 0.01}, "other settings (--learning-rate 0.001 -> 0.01)"),
-    ({"epochs": 2}, "is already past epoch 2: pass --epochs 3 or more"),
+    ({"epochs": 2}, "holds a run already in epoch 3: pass --epochs 3 or more"),
     ({"schedule": "cosine", "epochs": 5}, "other settings (--schedule constant -> cosine)"),
 ])
-def test_resume_checks_the_settings(tmp_path, changes, message):
+@pytest.mark.parametrize("mid_epoch", [False, True])
+def test_resume_checks_the_settings(tmp_path, changes, message, mid_epoch):
     saved = Config(num_classes=10, epochs=3, workdir=str(tmp_path))
-    checkpoint = loop.Checkpoint(tmp_path / "checkpoint_0003.msgpack", 3, saved, [], {})
+    history = [{"epoch": e} for e in range(1, 3 if mid_epoch else 4)]
+    meta = checkpoints.Meta(saved, history, [{"loss": 1.0}] if mid_epoch else [])
+    checkpoint = checkpoints.Checkpoint(tmp_path / "checkpoints" / "30", 30, meta)
     config = Config(**{**saved.to_dict(), "num_classes": 100, **changes})
     if message is None:
         loop.check_resumable(checkpoint, config)
     else:
         with pytest.raises(UserError) as e:
             loop.check_resumable(checkpoint, config)
-        assert message in str(e.value)
+        assert str(e.value).startswith(f"{tmp_path} holds a run") and message in str(e.value)

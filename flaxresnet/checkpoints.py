@@ -1,0 +1,172 @@
+"""Train-state checkpoints with orbax: asynchronous, multi-process, at any step, the last few kept.
+
+A checkpoint is a folder `<directory>/<step>/` that orbax writes atomically (a half-written one is never seen
+as a checkpoint) with two items:
+  state  the TrainState's arrays (step, parameters, BN statistics, optimizer state), written once however many
+         devices and processes hold copies
+  meta   JSON: format and version, the run's config, the metrics of the finished epochs, the step metrics and
+         seconds of the unfinished epoch so far, and the process/device layout that wrote it
+The step says where in the data the run stands (epoch and batch follow from it), so resuming needs no replay.
+
+Saving returns once the arrays are copied off the devices; the files are written in a background thread while
+training goes on. Every process of a run calls every method, in the same order (orbax synchronises them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import serialization
+
+from flaxresnet import trees
+from flaxresnet.config import Config
+from flaxresnet.errors import UserError
+
+FORMAT = "flaxresnet-checkpoint"
+VERSION = 3  # 3: orbax folders at any step (2: one msgpack file after each epoch)
+KEEP = 3
+
+Row = dict[str, Any]
+
+
+def current_layout() -> dict[str, int]:
+    """This run's {'processes': P, 'devices': D}: what the exact numbers of a run depend on."""
+    return {"processes": jax.process_count(), "devices": jax.device_count()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Meta:
+    """What a checkpoint says besides the arrays.
+
+    Attributes:
+      config: the run's settings.
+      history: the metrics rows of the finished epochs.
+      epoch_metrics: per-step train metrics of the unfinished epoch so far (empty at an epoch's end).
+      epoch_seconds: training seconds spent in the unfinished epoch so far.
+      layout: {'processes': P, 'devices': D} of the run that wrote it.
+    """
+
+    config: Config
+    history: list[Row]
+    epoch_metrics: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    epoch_seconds: float = 0.0
+    layout: dict[str, int] = dataclasses.field(default_factory=current_layout)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "config": self.config.to_dict(), "history": self.history,
+                "epoch_metrics": self.epoch_metrics, "epoch_seconds": self.epoch_seconds, "layout": self.layout}
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint found on disk: its folder, step and meta (the arrays stay on disk until `restore`)."""
+
+    path: Path
+    step: int
+    meta: Meta
+
+
+class Checkpoints:
+    """The checkpoints of one run in `directory` (created on the first save), the newest `keep` kept;
+    `asynchronous=False` writes before `save` returns."""
+
+    def __init__(self, directory: str | Path, keep: int = KEEP, asynchronous: bool = True) -> None:
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=asynchronous, create=False),  # saving creates it
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def latest(self) -> Checkpoint | None:
+        """The newest checkpoint, or None; UserError naming its folder if its meta cannot be read."""
+        steps = self.steps()
+        if not steps:
+            return None
+        step = steps[-1]
+        path = self.directory / str(step)
+        try:
+            raw = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+                raise ValueError("no flaxresnet meta")
+            if raw["version"] != VERSION:
+                raise UserError(f"checkpoint {path} has version {raw['version']}, this flaxresnet resumes version "
+                                f"{VERSION}: {self._advice(step)}", option="workdir")
+            meta = Meta(Config.from_dict(raw["config"]), list(raw["history"]), list(raw["epoch_metrics"]),
+                        float(raw["epoch_seconds"]), dict(raw["layout"]))
+        except (OSError, KeyError, TypeError, ValueError) as e:  # missing, not JSON, not ours, a field missing
+            raise UserError(f"checkpoint {path} is corrupt or not a flaxresnet checkpoint ({_reason(e)}): "
+                            f"{self._advice(step)}", option="workdir") from e
+        return Checkpoint(path, step, meta)
+
+    def _advice(self, step: int) -> str:
+        """What to do about an unusable checkpoint of `step`."""
+        before = [s for s in self.steps() if s < step]
+        return (f"delete it to resume from the one before (step {before[-1]})" if before
+                else "delete it to start the run over") + ", or use a fresh work folder"
+
+    def save(self, step: int, state: Any, meta: Meta) -> None:
+        """Checkpoint a replicated TrainState (`train_lib.replicate`, or `p_train_step`'s output) as `step`,
+        replacing one of the same step (a stop's, taken before its epoch's evaluation)."""
+        if step in self._manager.all_steps():
+            self._manager.wait_until_finished()
+            self._manager.delete(step)
+        arrays = jax.tree.map(_global_copy, serialization.to_state_dict(state))
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
+                                                         meta=ocp.args.JsonSave(meta.to_json())), force=True)
+
+    def restore(self, checkpoint: Checkpoint, target: Any) -> Any:
+        """The (unreplicated, host) TrainState of `checkpoint`; `target` gives its structure, shapes and dtypes
+        (e.g. `jax.eval_shape` of creating it). UserError naming what does not fit or is damaged."""
+        expected = serialization.to_state_dict(target)
+
+        def damaged(error: Exception) -> UserError:
+            return UserError(f"checkpoint {checkpoint.path} is damaged ({_reason(error)}): "
+                             f"{self._advice(checkpoint.step)}", option="workdir")
+
+        try:
+            saved = self._manager.item_metadata(checkpoint.step)["state"].tree
+        except (KeyError, OSError, ValueError) as e:  # no state item; tensorstore cannot open an array
+            raise damaged(e) from e
+        trees.check(expected, saved, f"checkpoint {checkpoint.path} does not fit this run",
+                    self._advice(checkpoint.step), dtypes=True)
+        arrays = jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), expected)
+        try:
+            restored = self._manager.restore(checkpoint.step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(arrays)))["state"]
+        except (OSError, ValueError) as e:  # tensorstore: a data file is missing or damaged
+            raise damaged(e) from e
+        return serialization.from_state_dict(target, restored)
+
+    def wait(self) -> None:
+        """Block until every save has been written."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish writing and release the manager's threads."""
+        self._manager.close()
+
+
+def _global_copy(replicated: jax.Array) -> jax.Array:
+    """A replicated pmap array, shaped (local devices, ...), as one array replicated over the devices of all
+    processes, which orbax writes once. (`ocp.utils.fully_replicated_host_local_array_to_global_array` keeps the
+    device axis when a process has one device.)"""
+    shape = replicated.shape[1:]
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("devices",)),
+                                          jax.sharding.PartitionSpec())
+    return jax.make_array_from_single_device_arrays(
+        shape, sharding, [shard.data.reshape(shape) for shard in replicated.addressable_shards])
+
+
+def _reason(error: Exception) -> str:
+    """'Type: first line of the message', without tensorstore's spec dump."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0].split(' [tensorstore_spec=')[0]}"

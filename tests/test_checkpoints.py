@@ -1,0 +1,116 @@
+"""orbax checkpoints of a (small) replicated state: save/restore round trip of every array and the meta, the
+newest kept, one checkpoint per step, and each unusable checkpoint as one UserError naming its folder."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxresnet import checkpoints, train_lib
+from flaxresnet.config import Config
+from flaxresnet.errors import UserError
+
+STATE = {"step": jnp.array(7, jnp.int32), "params": {"dense": {"kernel": jnp.arange(12.0).reshape(3, 4),
+                                                               "bias": jnp.ones(4, jnp.bfloat16)}},
+         "opt_state": {"0": {"count": jnp.array(3, jnp.int32)}, "1": {}}}
+META = checkpoints.Meta(Config(backbone_weights=None, epochs=4), [{"epoch": 1, "train_loss": 0.5, "val_loss": None}],
+                        [{"loss": 0.25, "accuracy": 0.5}], 1.5)
+
+
+def saved(directory, steps=(7,), **options) -> checkpoints.Checkpoints:
+    store = checkpoints.Checkpoints(directory, **options)
+    for step in steps:
+        store.save(step, train_lib.replicate(jax.tree.map(lambda x: x + step - 7, STATE)), META)
+    store.wait()
+    return store
+
+
+def test_round_trip(tmp_path):
+    store = saved(tmp_path / "ckpt")
+    checkpoint = store.latest()
+    assert checkpoint.step == 7 and checkpoint.path == tmp_path / "ckpt" / "7"
+    assert checkpoint.meta == META and checkpoint.meta.layout == {"processes": 1, "devices": jax.device_count()}
+    restored = store.restore(checkpoint, jax.eval_shape(lambda: STATE))
+    assert jax.tree.structure(restored) == jax.tree.structure(STATE)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(STATE)):
+        assert isinstance(got, np.ndarray) and got.dtype == want.dtype and np.array_equal(got, want)
+    store.close()
+
+
+def test_keeps_the_newest_and_replaces_a_step(tmp_path):
+    store = saved(tmp_path / "ckpt", steps=(1, 2, 3, 4), keep=2)
+    assert store.steps() == [3, 4]
+    store.save(4, train_lib.replicate(STATE), checkpoints.Meta(META.config, []))  # e.g. an epoch's end after a stop
+    store.wait()
+    assert store.steps() == [3, 4] and store.latest().meta.epoch_metrics == []
+    assert int(store.restore(store.latest(), jax.eval_shape(lambda: STATE))["step"]) == 7
+    store.close()
+
+
+def test_synchronous_saves_are_written_on_return(tmp_path):
+    store = checkpoints.Checkpoints(tmp_path / "ckpt", asynchronous=False)
+    store.save(3, train_lib.replicate(STATE), META)
+    assert (tmp_path / "ckpt" / "3" / "commit_success.txt").exists() and store.steps() == [3]
+    store.close()
+
+
+def test_nothing_saved(tmp_path):
+    store = checkpoints.Checkpoints(tmp_path / "none")
+    assert store.latest() is None and store.steps() == [] and not (tmp_path / "none").exists()
+    store.close()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "8" / "meta" / "metadata").write_text("{not json"),
+     "checkpoint {c}/8 is corrupt or not a flaxresnet checkpoint (JSONDecodeError: "),
+    (lambda c: (c / "8" / "meta" / "metadata").write_text('{"some": "json"}'),
+     "checkpoint {c}/8 is corrupt or not a flaxresnet checkpoint (ValueError: no flaxresnet meta)"),
+    (lambda c: (c / "8" / "meta" / "metadata").unlink(),
+     "checkpoint {c}/8 is corrupt or not a flaxresnet checkpoint (FileNotFoundError: "),
+])
+def test_unreadable_meta(tmp_path, damage, message):
+    store = saved(tmp_path / "ckpt", steps=(7, 8))
+    damage(tmp_path / "ckpt")
+    with pytest.raises(UserError) as e:
+        store.latest()
+    assert str(e.value).startswith(message.format(c=tmp_path / "ckpt"))
+    assert str(e.value).endswith("delete it to resume from the one before (step 7), or use a fresh work folder")
+    assert e.value.option == "workdir" and "\n" not in str(e.value)
+    store.close()
+
+
+def test_other_version(tmp_path):
+    store = saved(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "7" / "meta" / "metadata"
+    path.write_text(path.read_text().replace(f'"version": {checkpoints.VERSION}', '"version": 99'))
+    with pytest.raises(UserError, match="has version 99, this flaxresnet resumes version 3: delete it to start"):
+        store.latest()
+    store.close()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: shutil.rmtree(s / "d"), "is damaged (ValueError: NOT_FOUND: "),
+    (lambda s: shutil.rmtree(s), "is damaged (KeyError: "),
+])
+def test_damaged_arrays(tmp_path, damage, message):
+    store = saved(tmp_path / "ckpt")
+    damage(tmp_path / "ckpt" / "7" / "state")
+    with pytest.raises(UserError) as e:
+        store.restore(store.latest(), jax.eval_shape(lambda: STATE))
+    assert message in str(e.value) and "tensorstore_spec" not in str(e.value) and "\n" not in str(e.value)
+    store.close()
+
+
+def test_state_of_another_run(tmp_path):
+    store = saved(tmp_path / "ckpt")
+    other = {**STATE, "params": {"dense": {"kernel": jnp.zeros((3, 5)), "bias": jnp.ones(4, jnp.float32)}}}
+    with pytest.raises(UserError) as e:
+        store.restore(store.latest(), jax.eval_shape(lambda: other))
+    assert str(e.value) == (f"checkpoint {tmp_path / 'ckpt' / '7'} does not fit this run: params/dense/bias: dtype "
+                            f"bfloat16, expected float32; params/dense/kernel: shape (3, 4), expected (3, 5); "
+                            f"delete it to start the run over, or use a fresh work folder")
+    store.close()
