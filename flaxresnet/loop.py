@@ -12,6 +12,7 @@ The work folder (`config.workdir`; one folder that every process of a run shares
                        and when stopped; the last `checkpoints.KEEP` are kept
   final.msgpack        the classifier as a weights file: `load_converted` gives a model mapping raw uint8
                        images at the dataset's native size to logits; metadata has class_names, image_shape
+  events.out.tfevents.*  TensorBoard scalars per step and per epoch (`tensorboard.py`), with the extra installed
 Process 0 prints and writes them all but the checkpoints, which every process writes its part of.
 
 Several processes (`config.coordinator`, `jax.distributed`): each feeds its own rows of every global batch
@@ -30,6 +31,7 @@ options by their train.py flags (`errors.flag`); the library below it speaks of 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -47,7 +49,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from tqdm import tqdm
 
-from flaxresnet import checkpoints, data, distributed, freeze, preemption, train_lib, weights_file
+from flaxresnet import checkpoints, data, distributed, freeze, optim, preemption, tensorboard, train_lib, weights_file
 from flaxresnet.config import Config
 from flaxresnet.errors import UserError, flag
 from flaxresnet.models import Classifier, ResNet
@@ -157,12 +159,15 @@ def _run(config: Config, workdir: Path, backbone: tuple[ResNet, dict[str, Any]] 
     def save(state: train_lib.TrainState, step: int, fetched: list[StepMetrics], seconds: float) -> None:
         store.save(step, state, checkpoints.Meta(config, history, fetched, seconds))
 
+    events = tensorboard.Events(workdir, (0 if resume is None else resume.step) + 1,
+                                optim.learning_rate_schedule(state.settings.optimizer), distributed.is_main())
     state = train_lib.replicate(state)
-    with preemption.StopSignals() as stop:
+    with preemption.StopSignals() as stop, contextlib.closing(events):
         for epoch in range(len(history) + 1, config.epochs + 1):
             start = time.perf_counter()
             state, row, train_seconds = train_epoch(state, ds.train, config, epoch, steps_per_epoch, train_key,
-                                                    done=done, seconds=seconds, save=save, stop=stop)
+                                                    done=done, seconds=seconds, save=save, stop=stop,
+                                                    events=events)
             if epoch % config.eval_every == 0 or epoch == config.epochs:
                 result = evaluate(state.model, state.variables(), ds.validation, config.batch_size)
                 row.update(val_loss=result.loss, val_accuracy=result.accuracy)
@@ -176,6 +181,7 @@ def _run(config: Config, workdir: Path, backbone: tuple[ResNet, dict[str, Any]] 
             save(state, epoch * steps_per_epoch, [], 0.0)
             if distributed.is_main():
                 write_metrics(workdir, history)
+            events.epoch(row)
             say(format_row(row, config.epochs))
             done, seconds = [], 0.0
 
@@ -231,7 +237,8 @@ def check_image_size(config: Config, image_shape: tuple[int, ...]) -> None:
 
 def train_epoch(state: train_lib.TrainState, split: data.Split, config: Config, epoch: int, steps: int,
                 key: jax.Array, *, done: list[StepMetrics] = (), seconds: float = 0.0, save: Save | None = None,
-                stop: preemption.StopSignals | None = None) -> tuple[train_lib.TrainState, Row, float]:
+                stop: preemption.StopSignals | None = None,
+                events: tensorboard.Events | None = None) -> tuple[train_lib.TrainState, Row, float]:
     """Run (the rest of) one epoch of training steps on a replicated state; returns it, the epoch's mean train
     metrics and its training seconds.
 
@@ -239,7 +246,7 @@ def train_epoch(state: train_lib.TrainState, split: data.Split, config: Config, 
     resumed epoch starts after them). `save` checkpoints every `config.checkpoint_every` steps within the
     epoch, and when `stop` asks after a step, before raising Preempted. Step metrics stay on device and are
     fetched every FETCH_EVERY steps (all but the newest, so the device keeps working) to update the progress
-    bar and stop at a non-finite loss.
+    bar and `events`, and to stop at a non-finite loss.
     """
     batches = data.prefetch_to_device(data.train_batches(
         split, config.batch_size, config.seed, epoch, len(done), distributed.process_rows(config.batch_size)))
@@ -258,6 +265,8 @@ def train_epoch(state: train_lib.TrainState, split: data.Split, config: Config, 
                     raise UserError(f"the training loss is {values['loss']} at step {step} (epoch {epoch}, batch "
                                     f"{step - first_step + 1} of {steps}): stopped; lower --learning-rate or "
                                     f"set --clip-norm, in a fresh --workdir (resuming this one repeats it)")
+                if events is not None:
+                    events.step(first_step + len(fetched), values)
                 fetched.append(values)
             del pending[:count]
             bar.update(count * config.batch_size)

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,9 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
+from tensorboardX.proto import event_pb2
 
-from flaxresnet import checkpoints, data, load_converted, loop, train_lib, weights_file
+from flaxresnet import checkpoints, data, load_converted, loop, tensorboard, train_lib, weights_file
 from flaxresnet.config import Config
 from flaxresnet.errors import UserError
 from flaxresnet.models import Classifier
@@ -105,6 +107,16 @@ def test_cifar100_extended_run_equals_uninterrupted_and_final_file_predicts(tmp_
     assert rows(split)[0] == one[0]  # the first run's row is kept, timings included
     assert sorted(int(p.name) for p in (split / "checkpoints").iterdir()) == [2, 4, 6]  # after each epoch
     assert json.loads((split / "config.json").read_text())["num_classes"] == 100
+    # TensorBoard: every step once (the resumed run continues the stopped one's events), every epoch's metrics.
+    events = read_events(split)
+    assert [step for step, _ in events["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _ in events["epoch/val_accuracy"]] == [1, 2, 3]
+    for row in rows(split):
+        losses = [v for step, v in events["train/loss"] if (step - 1) // 2 + 1 == row["epoch"]]
+        assert np.mean(losses) == pytest.approx(row["train_loss"], rel=1e-6)  # float32 in the event file
+        assert dict(events["epoch/val_loss"])[row["epoch"]] == pytest.approx(row["val_loss"], rel=1e-6)
+    assert all(v == pytest.approx(1e-3) for _, v in events["train/learning_rate"])
+    assert len(events["train/grad_norm"]) == 6 and all(v > 0 for _, v in events["train/grad_norm"])
     assert (split / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
     model, variables = load_converted(split / "final.msgpack")
@@ -185,6 +197,31 @@ def test_runs_differing_in_run_settings_share_the_compiled_steps(tmp_path, backb
     assert first == 2  # the train step and the eval step, each traced once
     assert len(traces) == first
     assert [r["epoch"] for r in rows(tmp_path / "second")] == [1, 2]
+
+
+def read_events(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in `folder`, oldest file first: {tag: [(step, value), ...]}
+    (TFRecord framing: length u64, its crc u32, an Event proto, its crc u32)."""
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        raw, offset = path.read_bytes(), 0
+        while offset < len(raw):
+            (length,) = struct.unpack("<Q", raw[offset:offset + 8])
+            event = event_pb2.Event.FromString(raw[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_without_the_tensorboard_extra_nothing_changes(tmp_path, backbone_file, capsys, monkeypatch):
+    monkeypatch.setattr(tensorboard, "SummaryWriter", None)  # as if tensorboardX were not installed
+    with mock_tfds(tmp_path / "tfds", num_examples=EXAMPLES):
+        status, _, err = run(capsys, "--backbone-weights", backbone_file, "--data-dir", tmp_path / "tfds", *TINY,
+                             "--epochs", 1, "--workdir", tmp_path / "run")
+    assert status == 0, err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "config.json", "curves.png",
+                                                                    "final.msgpack", "metrics.jsonl"]
 
 
 def test_workdir_that_is_a_file_is_one_line(tmp_path, capsys):
