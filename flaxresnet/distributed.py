@@ -30,7 +30,12 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
         if explicit != (None, None):
             raise UserError("coordinator 'auto' detects the number of processes and this process's id: give "
                             "neither num_processes nor process_id", option="coordinator")
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except ValueError as e:  # 'coordinator_address should be defined': no cluster environment found
+            raise UserError("coordinator 'auto' found no cluster to join (JAX detects SLURM, Open MPI, TPU pod "
+                            "slices, ...): give HOST:PORT with num_processes and process_id",
+                            option="coordinator") from e
         return
     if coordinator is None or None in explicit:
         raise UserError("a multi-process run needs all of coordinator (HOST:PORT of process 0), num_processes "

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import pytest
 
 from flaxresnet import distributed
 from flaxresnet.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_one_process_feeds_every_row():
@@ -23,3 +30,14 @@ def test_one_process_feeds_every_row():
 def test_incomplete_multi_process_options(options, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         distributed.initialize(*options)
+
+
+def test_auto_outside_a_cluster_is_one_line(tmp_path):
+    """Cluster detection finds nothing here (a fresh process: JAX must not be started before it tries)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_"))}
+    done = subprocess.run([sys.executable, "train.py", "--backbone-weights", "none", "--dataset", "digits",
+                           "--coordinator", "auto", "--workdir", str(tmp_path / "run")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "" and not (tmp_path / "run").exists()
+    assert done.stderr == ("error: coordinator 'auto' found no cluster to join (JAX detects SLURM, Open MPI, TPU pod "
+                           "slices, ...): give HOST:PORT with num_processes and process_id (set --coordinator)\n")
