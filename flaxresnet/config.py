@@ -24,6 +24,7 @@ from flaxresnet.models import HEADS, STAGE_BLOCKS
 SCHEDULES = ("constant", "cosine")
 UPSAMPLE_METHODS = ("nearest", "bilinear")
 DTYPES = ("float32", "bfloat16", "float64")
+FEATURE_CACHE = ("auto", "off")
 # Steps between checkpoints within an epoch: see the README's "Checkpoints" for the measured cost behind it.
 CHECKPOINT_EVERY = 500
 
@@ -130,6 +131,11 @@ class Config:
                                   resumable=True)
     epochs: int = option(15, "training epochs in all (a resumed run continues up to it)", check=_positive,
                          metavar="N", resumable=True)
+    feature_cache: str = option(
+        "auto", "auto: when the backbone is frozen, in inference mode and gets unaugmented images (--freeze "
+                "backbone --augment none), compute its pooled features of every image once and train and evaluate "
+                "the head alone on them (the log says whether it applies, and why not); off: run the backbone "
+                "every step", choices=FEATURE_CACHE, resumable=True)
     eval_every: int = option(1, "evaluate on the validation split every N epochs and after the last",
                              check=_positive, metavar="N", resumable=True)
     workdir: str | None = option(

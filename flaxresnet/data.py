@@ -10,7 +10,8 @@ Sources (`load_dataset` specs):
 
 Every example of a dataset has one image size: the source's own when it has one (CIFAR 32x32, digits 8x8; the
 model upsamples on device), else `image_size`. Images stay uint8 on the host; batches are dicts
-{'image': (B, H, W, 3) uint8, 'label': (B,) int32} plus 'mask' (B,) bool for evaluation.
+{'image': (B, H, W, 3) uint8, 'label': (B,) int32} plus 'mask' (B,) bool for evaluation. A `FeatureSplit` (the
+backbone features of a split's images, `feature_cache`) is batched the same way, under 'features'.
 """
 
 from __future__ import annotations
@@ -55,6 +56,37 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The per-example arrays under their batch keys."""
+        return {"image": self.images, "label": self.labels}
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSplit:
+    """A split's examples as backbone features (`feature_cache`): `features` float (N, F), one row an image;
+    `labels` int32 (N,). Batched like a Split, with 'features' in place of 'image'."""
+
+    features: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if not np.issubdtype(self.features.dtype, np.floating) or self.features.ndim != 2:
+            raise ValueError(f"features must be float (N, F), got {self.features.dtype} {self.features.shape}")
+        if self.labels.dtype != np.int32 or self.labels.shape != self.features.shape[:1]:
+            raise ValueError(f"labels must be int32 ({len(self.features)},), got {self.labels.dtype} "
+                             f"{self.labels.shape}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The per-example arrays under their batch keys."""
+        return {"features": self.features, "label": self.labels}
+
+
+# What the batching functions take: images, or their cached features.
+Examples = Split | FeatureSplit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +288,7 @@ def _split_off(split: Split, seed: int, what: str) -> tuple[Split, Split]:
             Split(split.images[is_validation], split.labels[is_validation]))
 
 
-def num_train_steps(split: Split, batch_size: int) -> int:
+def num_train_steps(split: Examples, batch_size: int) -> int:
     """Full batches in one training epoch (the last partial batch is dropped); UserError if there are none."""
     if batch_size < 1 or len(split) < batch_size:
         raise UserError(f"batch size {batch_size} does not fit the {len(split)} training examples: choose a "
@@ -264,28 +296,31 @@ def num_train_steps(split: Split, batch_size: int) -> int:
     return len(split) // batch_size
 
 
-def train_batches(split: Split, batch_size: int, seed: int, epoch: int, start: int = 0,
+def train_batches(split: Examples, batch_size: int, seed: int, epoch: int, start: int = 0,
                   rows: slice = slice(None)) -> Iterator[Batch]:
     """The global batches of one training epoch from batch `start` on, shuffled by (seed, epoch) alone, the last
     partial batch dropped; of each only `rows` (a process's share, `distributed.process_rows`)."""
     order = np.random.default_rng((seed, epoch)).permutation(len(split))
+    columns = split.columns()
     for step in range(start, num_train_steps(split, batch_size)):
         indices = order[step * batch_size:(step + 1) * batch_size][rows]
-        yield {"image": split.images[indices], "label": split.labels[indices]}
+        yield {key: column[indices] for key, column in columns.items()}
 
 
-def eval_batches(split: Split, batch_size: int, rows: slice = slice(None)) -> Iterator[Batch]:
+def eval_batches(split: Examples, batch_size: int, rows: slice = slice(None)) -> Iterator[Batch]:
     """Every example once, in order, in global batches of `batch_size`, the last zero-padded with 'mask' marking
     the real examples; of each only `rows` (a process's share)."""
     if batch_size < 1:
         raise UserError(f"batch size {batch_size} must be at least 1", option="batch_size")
+    columns = split.columns()
     for start in range(0, len(split), batch_size):
         indices = np.arange(start, start + batch_size)[rows]
         mask = indices < len(split)
         indices = np.where(mask, indices, 0)
-        images, labels = split.images[indices], split.labels[indices]  # copies: zeroing the padding is safe
-        images[~mask], labels[~mask] = 0, 0
-        yield {"image": images, "label": labels, "mask": mask}
+        batch = {key: column[indices] for key, column in columns.items()}  # copies: zeroing the padding is safe
+        for column in batch.values():
+            column[~mask] = 0
+        yield {**batch, "mask": mask}
 
 
 def shard(batch: Batch, num_devices: int) -> Batch:

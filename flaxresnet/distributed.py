@@ -13,6 +13,8 @@ devices exist), hence `initialize` comes first in the training loop.
 from __future__ import annotations
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from flaxresnet.errors import UserError
 
@@ -60,6 +62,15 @@ def process_rows(batch_size: int) -> slice:
     check_batch_size(batch_size)
     share = batch_size // jax.process_count()
     return slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """Per-example results of global batches from every process: `local` is this process's (batches, its rows
+    of a batch, ...); returns (batches * global batch size, ...) in batch order, on every process."""
+    tail = local.shape[2:]
+    if jax.process_count() > 1:  # (processes, batches, rows, ...) -> (batches, processes, rows, ...)
+        local = np.swapaxes(multihost_utils.process_allgather(local), 0, 1)
+    return local.reshape(-1, *tail)
 
 
 def check_batch_size(batch_size: int) -> None:

@@ -24,6 +24,10 @@ and a checkpoint's step says where in the data it was taken: a run resumed from 
 the middle of an epoch, ends with exactly the numbers of an uninterrupted run with the same layout (processes
 and devices; reductions follow the layout, so another layout agrees to rounding only).
 
+Feature cache (`config.feature_cache`, `feature_cache`): when the backbone is frozen, in inference mode and fed
+unaugmented images, `epoch_inputs` computes every image's pooled backbone features once, and the epochs train
+and evaluate the head alone on them; checkpoints and final.msgpack hold the whole state either way.
+
 Stopping: after SIGTERM or Ctrl-C (`preemption.StopSignals`) every process saves a checkpoint after the same
 step and `train_and_evaluate` raises `Preempted`. This module is train.py's engine, so its errors name the
 options by their train.py flags (`errors.flag`); the library below it speaks of them in its own terms.
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -44,12 +49,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from tqdm import tqdm
 
-from flaxresnet import checkpoints, data, distributed, freeze, optim, preemption, tensorboard, train_lib, weights_file
+from flaxresnet import (checkpoints, data, distributed, feature_cache, freeze, optim, preemption, tensorboard,
+                        train_lib, weights_file)
 from flaxresnet.config import Config
 from flaxresnet.errors import UserError, flag
 from flaxresnet.models import Classifier, ResNet
@@ -156,20 +161,21 @@ def _run(config: Config, workdir: Path, backbone: tuple[ResNet, dict[str, Any]] 
         _write_json(workdir / "config.json", config.to_dict())
         write_metrics(workdir, history)
 
+    state, train, validation, whole = epoch_inputs(config, train_lib.replicate(state), ds)
+
     def save(state: train_lib.TrainState, step: int, fetched: list[StepMetrics], seconds: float) -> None:
-        store.save(step, state, checkpoints.Meta(config, history, fetched, seconds))
+        store.save(step, whole(state), checkpoints.Meta(config, history, fetched, seconds))
 
     events = tensorboard.Events(workdir, (0 if resume is None else resume.step) + 1,
                                 optim.learning_rate_schedule(state.settings.optimizer), distributed.is_main())
-    state = train_lib.replicate(state)
     with preemption.StopSignals() as stop, contextlib.closing(events):
         for epoch in range(len(history) + 1, config.epochs + 1):
             start = time.perf_counter()
-            state, row, train_seconds = train_epoch(state, ds.train, config, epoch, steps_per_epoch, train_key,
+            state, row, train_seconds = train_epoch(state, train, config, epoch, steps_per_epoch, train_key,
                                                     done=done, seconds=seconds, save=save, stop=stop,
                                                     events=events)
             if epoch % config.eval_every == 0 or epoch == config.epochs:
-                result = evaluate(state.model, state.variables(), ds.validation, config.batch_size)
+                result = evaluate(state.model, state.variables(), validation, config.batch_size)
                 row.update(val_loss=result.loss, val_accuracy=result.accuracy)
                 if result.top5 is not None:
                     row["val_top5"] = result.top5
@@ -186,11 +192,35 @@ def _run(config: Config, workdir: Path, backbone: tuple[ResNet, dict[str, Any]] 
             done, seconds = [], 0.0
 
     if distributed.is_main():
-        train_lib.save_classifier(str(workdir / "final.msgpack"), train_lib.unreplicate(state),
+        train_lib.save_classifier(str(workdir / "final.msgpack"), train_lib.unreplicate(whole(state)),
                                   config=config.to_dict(), class_names=ds.class_names,
                                   image_shape=list(image_shape), dataset=config.dataset, metrics=history[-1])
     say(f"final classifier: {workdir / 'final.msgpack'}")
     return history[-1]
+
+
+def epoch_inputs(config: Config, state: train_lib.TrainState, ds: data.Dataset) -> tuple[
+        train_lib.TrainState, data.Examples, data.Examples, Callable[[train_lib.TrainState], train_lib.TrainState]]:
+    """What the epochs train and evaluate on, chosen once a run (and said in one line): the replicated `state`
+    and the dataset's splits; or, when the feature cache applies (`feature_cache`), the head's part of the state
+    and the splits' pooled backbone features, computed here. Also the function that makes a state trained on
+    them whole again, for checkpoints and final.msgpack."""
+    reason = f"{flag('feature_cache')} off" if config.feature_cache == "off" else feature_cache.why_not(state)
+    if reason is not None:
+        hint = "" if config.feature_cache == "off" else f"; it needs {flag('freeze')} backbone {flag('augment')} none"
+        say(f"feature cache: off ({reason}{hint})")
+        return state, ds.train, ds.validation, lambda trained: trained
+    head, backbone = train_lib.split_backbone(state)
+    start = time.perf_counter()
+    train, validation = (feature_cache.compute(state.model, backbone, split, config.batch_size, name)
+                         for split, name in ((ds.train, "training"), (ds.validation, "validation")))
+    seconds, images = time.perf_counter() - start, len(train) + len(validation)
+    size = (train.features.nbytes + validation.features.nbytes) / 1e6
+    say(f"feature cache: on (backbone frozen and in inference mode, no augmentation): the pooled backbone "
+        f"features of {images:,} images computed once in {seconds:.1f} s ({images / seconds:.0f} img/s), "
+        f"{size:,.1f} MB on the host{' of each process' if jax.process_count() > 1 else ''}; the epochs run "
+        f"the head alone")
+    return head, train, validation, functools.partial(train_lib.join_backbone, backbone=backbone)
 
 
 def describe_position(checkpoint: checkpoints.Checkpoint, steps_per_epoch: int) -> str:
@@ -235,7 +265,7 @@ def check_image_size(config: Config, image_shape: tuple[int, ...]) -> None:
                         f"--upsample bilinear")
 
 
-def train_epoch(state: train_lib.TrainState, split: data.Split, config: Config, epoch: int, steps: int,
+def train_epoch(state: train_lib.TrainState, split: data.Examples, config: Config, epoch: int, steps: int,
                 key: jax.Array, *, done: list[StepMetrics] = (), seconds: float = 0.0, save: Save | None = None,
                 stop: preemption.StopSignals | None = None,
                 events: tensorboard.Events | None = None) -> tuple[train_lib.TrainState, Row, float]:
@@ -246,8 +276,10 @@ def train_epoch(state: train_lib.TrainState, split: data.Split, config: Config, 
     resumed epoch starts after them). `save` checkpoints every `config.checkpoint_every` steps within the
     epoch, and when `stop` asks after a step, before raising Preempted. Step metrics stay on device and are
     fetched every FETCH_EVERY steps (all but the newest, so the device keeps working) to update the progress
-    bar and `events`, and to stop at a non-finite loss.
+    bar and `events`, and to stop at a non-finite loss. A `data.FeatureSplit` trains the head alone
+    (`epoch_inputs`): the state is then the head's part.
     """
+    step_fn = train_lib.p_head_train_step if isinstance(split, data.FeatureSplit) else train_lib.p_train_step
     batches = data.prefetch_to_device(data.train_batches(
         split, config.batch_size, config.seed, epoch, len(done), distributed.process_rows(config.batch_size)))
     first_step = (epoch - 1) * steps + 1
@@ -275,7 +307,7 @@ def train_epoch(state: train_lib.TrainState, split: data.Split, config: Config, 
                             grad_norm=f"{fetched[-1]['grad_norm']:.3g}")
 
         for batch in batches:
-            state, metrics = train_lib.p_train_step(state, batch, key)
+            state, metrics = step_fn(state, batch, key)
             pending.append(metrics)
             finished = len(fetched) + len(pending)
             step = first_step - 1 + finished  # the steps done in all
@@ -308,26 +340,26 @@ class Evaluation:
     predictions: np.ndarray
 
 
-def evaluate(model: Classifier, variables: dict[str, Any], split: data.Split, batch_size: int) -> Evaluation:
+def evaluate(model: Classifier, variables: dict[str, Any], split: data.Examples, batch_size: int) -> Evaluation:
     """Evaluate `model` with replicated `variables` (`train_lib.replicate`) on every example of `split` once, in
     global batches of `batch_size` (each process runs its rows of each), with the engine's `p_eval_step`: the
-    training loop's validation every epoch and `python -m flaxresnet.evaluate` are this one function."""
+    training loop's validation every epoch and `python -m flaxresnet.evaluate` are this one function. A
+    `data.FeatureSplit` is evaluated by the head alone (`p_head_eval_step`, `variables` the head's)."""
     if not len(split):
         raise UserError("the split to evaluate on has no examples")
+    step = train_lib.p_head_eval_step if isinstance(split, data.FeatureSplit) else train_lib.p_eval_step
     sums, predictions = [], []
     for batch in data.prefetch_to_device(data.eval_batches(split, batch_size,
                                                            distributed.process_rows(batch_size))):
-        batch_sums, batch_predictions = train_lib.p_eval_step(model, variables, batch)
+        batch_sums, batch_predictions = step(model, variables, batch)
         sums.append(jax.tree.map(lambda x: x[0], batch_sums))  # psum: every device holds the global sums
         predictions.append(batch_predictions.reshape(-1))
     totals = {k: float(np.sum([np.asarray(s[k], np.float64) for s in sums])) for k in sums[0]}
     count = int(totals["count"])
-    ours = np.stack(jax.device_get(predictions))  # (batches, this process's rows)
-    if jax.process_count() > 1:  # every process's rows of each batch, in process order
-        ours = np.swapaxes(multihost_utils.process_allgather(ours), 0, 1)
+    ours = distributed.gather_rows(np.stack(jax.device_get(predictions)))  # every process's, in order
     return Evaluation(loss=totals["loss"] / count, accuracy=totals["accuracy"] / count,
                       top5=totals["top5"] / count if "top5" in totals else None, count=count,
-                      predictions=ours.reshape(-1)[:len(split)])
+                      predictions=ours[:len(split)])
 
 
 def format_row(row: Row, epochs: int) -> str:

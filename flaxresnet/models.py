@@ -176,6 +176,12 @@ def ResNet152(**kwargs: Any) -> ResNet:
 MODEL_KINDS: dict[str, type[nn.Module]] = {"resnet": ResNet}
 
 
+def global_average_pool(features: jnp.ndarray) -> jnp.ndarray:
+    """(N, H, W, C) -> (N, C): Keras' GlobalAveragePooling2D, the first layer of every head (it has no parameters,
+    so the feature cache can hold its output)."""
+    return jnp.mean(features, axis=(1, 2))
+
+
 # Keras BatchNormalization defaults, which the seed head's BN layer used (not the backbone's 1.001e-5).
 HEAD_BN_EPSILON = 1e-3
 HEADS = ("seed", "linear")
@@ -206,7 +212,7 @@ class Head(nn.Module):
         """(N, H, W, C) features -> (N, num_classes) logits in `param_dtype(dtype)`; `train` enables dropout and
         batch BN."""
         wide = param_dtype(self.dtype)
-        x = jnp.mean(features, axis=(1, 2))
+        x = global_average_pool(features)
         if self.kind == "linear":
             return self._dense(self.num_classes, "dense")(x).astype(wide)
         if self.kind != "seed":
@@ -283,6 +289,11 @@ class Classifier(nn.Module):
         if self.image_size is not None:
             x = upsample(x, self.image_size, self.upsample)
         return self.backbone_net(x, train=train and self.backbone_bn_train)
+
+    def pooled_features(self, images: jnp.ndarray) -> jnp.ndarray:
+        """Raw RGB images -> (N, FEATURES): the backbone's inference-mode features globally average-pooled, the
+        head's input after its parameter-free first layer (what the feature cache holds, `feature_cache`)."""
+        return global_average_pool(self.features(images))
 
     def classify(self, features: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Backbone feature map (N, h, w, FEATURES) -> (N, num_classes) logits (the head alone)."""

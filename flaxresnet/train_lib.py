@@ -1,4 +1,5 @@
-"""The fine-tuning step: TrainState, pure `train_step` / `eval_step`, and the one place they are pmapped.
+"""The fine-tuning step: TrainState, pure `train_step` / `eval_step` (and their head-only forms on cached
+features), and the one place they are pmapped.
 
 Data parallel over all devices with `jax.pmap(axis_name='batch')`: batches are shaped (devices, per_device,
 ...), gradients and BN statistics are averaged with `lax.pmean`, and training-mode BatchNorm computes its
@@ -10,6 +11,11 @@ What the step is compiled for is exactly what it computes with: the model and th
 settings, frozen paths, augmentation, label smoothing), the static part of a TrainState. Nothing else of a
 run's Config reaches it, so runs that differ in work folder, data folder, evaluation interval or (constant
 schedule) epochs share one compiled step.
+
+Cached features (`feature_cache`): when the backbone is frozen, in inference mode and fed unaugmented images,
+`pooled_features` computes its pooled output once per image, and `head_train_step` / `head_eval_step` run the
+head alone on it, on the state without the backbone (`split_backbone`). They share `train_step`'s keys,
+optimizer and state structure, so either step continues the other's state (checkpoints are interchangeable).
 
 Randomness: one root key. Step t uses fold_in(root, t); augmentation keys are fold_in(that, global example
 index), so augmentations do not depend on the device count; dropout uses one key per device.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
@@ -152,6 +159,40 @@ def _hits(logits: jax.Array, labels: jax.Array) -> Metrics:
     return hits
 
 
+def _step_keys(rng: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(the augmentation key of step `step`, this device's dropout key) from the run's key."""
+    augment_key, dropout_key = jax.random.split(jax.random.fold_in(rng, step))
+    return augment_key, jax.random.fold_in(dropout_key, jax.lax.axis_index(AXIS))
+
+
+# forward(variables, rngs) -> (logits, {'batch_stats': updated}): a step's model call in training mode.
+Forward = Callable[[Variables, dict[str, jax.Array]], tuple[jax.Array, Variables]]
+
+
+def _optimizer_step(state: TrainState, labels: jax.Array, forward: Forward,
+                    dropout_key: jax.Array) -> tuple[TrainState, Metrics]:
+    """Loss, gradients of the trainable parameters (averaged over the devices), the optimizer update and the
+    metrics of one step whose model call is `forward`: the common part of `train_step` and `head_train_step`."""
+    settings = state.settings
+    trainable, frozen = freeze.split(state.params, settings.frozen)
+
+    def loss_fn(trainable: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+        variables = {"params": freeze.merge(trainable, frozen), "batch_stats": state.batch_stats}
+        logits, updated = forward(variables, {"dropout": dropout_key})
+        loss = cross_entropy(logits, labels, settings.label_smoothing).mean()
+        return loss, (logits, updated["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    grads = jax.lax.pmean(grads, AXIS)
+    updates, opt_state = settings.tx.update(grads, state.opt_state, trainable)
+    params = freeze.merge(optax.apply_updates(trainable, updates), frozen)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               **{k: v.mean() for k, v in _hits(logits, labels).items()}}
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=jax.lax.pmean(batch_stats, AXIS), opt_state=opt_state)
+    return new_state, jax.lax.pmean(metrics, AXIS)
+
+
 def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
     """One optimizer step on this device's share of a global batch; run it through `p_train_step`.
 
@@ -160,31 +201,48 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainSt
     (averaged, unclipped) gradient of the trainable parameters.
     """
     settings = state.settings
-    device = jax.lax.axis_index(AXIS)
     local = batch["label"].shape[0]
-    augment_key, dropout_key = jax.random.split(jax.random.fold_in(rng, state.step))
-    example_keys = jax.vmap(functools.partial(jax.random.fold_in, augment_key))(device * local + jnp.arange(local))
+    augment_key, dropout_key = _step_keys(rng, state.step)
+    first = jax.lax.axis_index(AXIS) * local
+    example_keys = jax.vmap(functools.partial(jax.random.fold_in, augment_key))(first + jnp.arange(local))
     augment = functools.partial(augment_lib.augment, keys=example_keys, names=settings.augment,
                                 cutout_size=settings.cutout_size) if settings.augment else None
-    trainable, frozen = freeze.split(state.params, settings.frozen)
 
-    def loss_fn(trainable: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
-        variables = {"params": freeze.merge(trainable, frozen), "batch_stats": state.batch_stats}
-        logits, updated = state.model.apply(variables, batch["image"], train=True, augment=augment,
-                                            mutable=["batch_stats"],
-                                            rngs={"dropout": jax.random.fold_in(dropout_key, device)})
-        loss = cross_entropy(logits, batch["label"], settings.label_smoothing).mean()
-        return loss, (logits, updated["batch_stats"])
+    def forward(variables: Variables, rngs: dict[str, jax.Array]) -> tuple[jax.Array, Variables]:
+        return state.model.apply(variables, batch["image"], train=True, augment=augment, mutable=["batch_stats"],
+                                 rngs=rngs)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    grads = jax.lax.pmean(grads, AXIS)
-    updates, opt_state = settings.tx.update(grads, state.opt_state, trainable)
-    params = freeze.merge(optax.apply_updates(trainable, updates), frozen)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               **{k: v.mean() for k, v in _hits(logits, batch["label"]).items()}}
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=jax.lax.pmean(batch_stats, AXIS), opt_state=opt_state)
-    return new_state, jax.lax.pmean(metrics, AXIS)
+    return _optimizer_step(state, batch["label"], forward, dropout_key)
+
+
+def _head_logits(model: Classifier, variables: Variables, features: jax.Array, **apply: Any) -> Any:
+    """The head on pooled backbone features (B, FEATURES), each a 1x1 feature map, whose pooling is itself."""
+    return model.apply(variables, features[:, None, None, :], method=Classifier.classify, **apply)
+
+
+def head_train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+    """`train_step` on cached features, for a backbone that is frozen, in inference mode and fed unaugmented
+    images (`feature_cache`): the head alone; run it through `p_head_train_step`.
+
+    `state` is `split_backbone`'s head part; `batch`: {'features': (B, FEATURES) pooled backbone features,
+    'label': int32 (B,)}. The keys, the optimizer and the returned state and metrics are `train_step`'s, so the
+    two steps continue each other's states.
+    """
+    _, dropout_key = _step_keys(rng, state.step)
+
+    def forward(variables: Variables, rngs: dict[str, jax.Array]) -> tuple[jax.Array, Variables]:
+        return _head_logits(state.model, variables, batch["features"], train=True, mutable=["batch_stats"],
+                            rngs=rngs)
+
+    return _optimizer_step(state, batch["label"], forward, dropout_key)
+
+
+def _eval_sums(logits: jax.Array, batch: Batch) -> tuple[Metrics, jax.Array]:
+    """`eval_step`'s sums over the global batch and this device's top-1 classes, from the logits."""
+    mask = batch.get("mask", jnp.ones(batch["label"].shape)).astype(jnp.float32)
+    per_example = {"loss": cross_entropy(logits, batch["label"]), **_hits(logits, batch["label"])}
+    sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
+    return jax.lax.psum({**sums, "count": jnp.sum(mask)}, AXIS), jnp.argmax(logits, -1)
 
 
 def eval_step(model: Classifier, variables: Variables, batch: Batch) -> tuple[Metrics, jax.Array]:
@@ -194,17 +252,43 @@ def eval_step(model: Classifier, variables: Variables, batch: Batch) -> tuple[Me
     `batch` is as for `train_step` plus an optional 'mask' (B,) that zeroes padding examples, so a padded
     last batch counts every real example exactly once. No augmentation, BN on moving statistics.
     """
-    logits = model.apply(variables, batch["image"], train=False)
-    mask = batch.get("mask", jnp.ones(batch["label"].shape)).astype(jnp.float32)
-    per_example = {"loss": cross_entropy(logits, batch["label"]), **_hits(logits, batch["label"])}
-    sums = {k: jnp.sum(v * mask) for k, v in per_example.items()}
-    return jax.lax.psum({**sums, "count": jnp.sum(mask)}, AXIS), jnp.argmax(logits, -1)
+    return _eval_sums(model.apply(variables, batch["image"], train=False), batch)
+
+
+def head_eval_step(model: Classifier, variables: Variables, batch: Batch) -> tuple[Metrics, jax.Array]:
+    """`eval_step` on cached features: `variables` are the head's (`split_backbone`), `batch` holds 'features'
+    (B, FEATURES) as for `head_train_step`, 'label' and an optional 'mask'."""
+    return _eval_sums(_head_logits(model, variables, batch["features"]), batch)
+
+
+def pooled_features(model: Classifier, variables: Variables, images: jax.Array) -> jax.Array:
+    """The pooled backbone features (B, FEATURES) of raw images (B, H, W, 3), in inference mode: what the
+    feature cache holds. `variables` are the backbone's (`split_backbone`)."""
+    return model.apply(variables, images, method=Classifier.pooled_features)
 
 
 # The one place the steps are mapped over devices. The state is donated: its buffers are reused. The model is
-# the eval step's static argument: equal models share one compilation.
+# the static argument of the others: equal models share one compilation.
 p_train_step = jax.pmap(train_step, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
 p_eval_step = jax.pmap(eval_step, axis_name=AXIS, in_axes=(None, 0, 0), static_broadcasted_argnums=(0,))
+p_head_train_step = jax.pmap(head_train_step, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+p_head_eval_step = jax.pmap(head_eval_step, axis_name=AXIS, in_axes=(None, 0, 0), static_broadcasted_argnums=(0,))
+p_pooled_features = jax.pmap(pooled_features, axis_name=AXIS, in_axes=(None, 0, 0), static_broadcasted_argnums=(0,))
+
+
+def split_backbone(state: TrainState) -> tuple[TrainState, Variables]:
+    """(the state without the backbone's variables, the backbone's {'params', 'batch_stats'}) of a (replicated)
+    state: what `head_train_step` updates, and what `pooled_features` computes with; `join_backbone` undoes it."""
+    head = state.replace(params={k: v for k, v in state.params.items() if k != "backbone"},
+                         batch_stats={k: v for k, v in state.batch_stats.items() if k != "backbone"})
+    return head, {"params": {"backbone": state.params["backbone"]},
+                  "batch_stats": {"backbone": state.batch_stats["backbone"]}}
+
+
+def join_backbone(head: TrainState, backbone: Variables) -> TrainState:
+    """The whole TrainState of a `split_backbone`: what checkpoints and final.msgpack hold either way."""
+    return head.replace(params={**backbone["params"], **head.params},
+                        batch_stats={**backbone["batch_stats"], **head.batch_stats})
 
 
 def replicate(tree: T) -> T:

@@ -251,6 +251,25 @@ def test_eval_batches():
     np.testing.assert_array_equal(labels, np.arange(50))  # every example exactly once
 
 
+def test_feature_split_batches_like_its_images():
+    split = synthetic_split(40)
+    features = data.FeatureSplit(np.repeat(np.arange(40, dtype=np.float32)[:, None], 3, axis=1), split.labels)
+    pairs = list(zip(data.train_batches(split, 16, seed=0, epoch=3, start=1, rows=slice(8, 16)),
+                     data.train_batches(features, 16, seed=0, epoch=3, start=1, rows=slice(8, 16))))
+    assert len(pairs) == 1  # 40 // 16 = 2 steps, from the second on
+    for images, cached in pairs:
+        assert cached.keys() == {"features", "label"} and cached["features"].shape == (8, 3)
+        indices = cached["features"][:, 0].astype(int)  # each row holds its example's index
+        np.testing.assert_array_equal(images["image"], split.images[indices])
+        np.testing.assert_array_equal(cached["label"], images["label"])
+    last = list(data.eval_batches(features, 16))[-1]  # 8 real rows, 8 zeroed padding rows
+    assert last.keys() == {"features", "label", "mask"} and last["mask"].sum() == 8
+    np.testing.assert_array_equal(last["features"][:8], features.features[32:])
+    assert not last["features"][8:].any() and not last["label"][8:].any()
+    with pytest.raises(ValueError, match="features must be float"):
+        data.FeatureSplit(np.zeros((40, 3), np.uint8), split.labels)
+
+
 def test_shard():
     batch = next(data.eval_batches(synthetic_split(8), 8))
     sharded = data.shard(batch, 2)

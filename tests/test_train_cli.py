@@ -1,5 +1,6 @@
 """train.py end to end on tiny settings: mock CIFAR-100 and an image folder, resume equality, the work folder's
-files, final.msgpack, and each foreseeable mistake as one line on stderr with exit status 2.
+files, final.msgpack, the feature cache against the full step, and each foreseeable mistake as one line on stderr
+with exit status 2.
 
 Kept fast on 2 CPU cores: a random backbone file with `--freeze backbone` (the step then differentiates the head
 only), 32 px images not upsampled, batches of 8, a few steps an epoch, and one persistent XLA compilation cache
@@ -12,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -92,6 +94,8 @@ def test_cifar100_extended_run_equals_uninterrupted_and_final_file_predicts(tmp_
         status, out, err = run(capsys, *cifar, "--epochs", 1, "--workdir", tmp_path / "split")
         assert status == 0, err
         assert "new run" in out and "epoch 1/1: train loss" in out
+        assert ("feature cache: off (augmentation (cutout,flip) changes the images every epoch; it needs --freeze "
+                "backbone --augment none)\n") in out
         one = rows(tmp_path / "split")
         assert len(one) == 1 and set(one[0]) == ROW_KEYS and one[0]["epoch"] == 1
         assert all(isinstance(one[0][k], float) for k in ROW_KEYS - {"epoch"})
@@ -136,25 +140,29 @@ def test_cifar100_extended_run_equals_uninterrupted_and_final_file_predicts(tmp_
     assert result.accuracy == np.mean(np.argmax(logits, -1) == ds.validation.labels)
 
 
+def stop_at(monkeypatch, name: str, count: int) -> None:
+    """Ctrl-C after the `count`-th call of `train_lib.<name>` (the step runs first)."""
+    step, calls = getattr(train_lib, name), []
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) == count:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*args)
+
+    monkeypatch.setattr(train_lib, name, interrupted_step)
+
+
 def test_ctrl_c_mid_epoch_saves_and_resumes_to_the_same_numbers(tmp_path, backbone_file, capsys, monkeypatch):
     """Ctrl-C after the last batch of epoch 2 (before its evaluation): a checkpoint of that step, exit status 130;
     the resumed run evaluates, replaces that checkpoint with the epoch's own and ends as an uninterrupted run."""
     tfds_dir = tmp_path / "tfds"
     cosine = ("--backbone-weights", backbone_file, "--data-dir", tfds_dir, *TINY, "--epochs", 3,
               "--schedule", "cosine", "--eval-every", 2)
-    step = train_lib.p_train_step
-    calls = []
-
-    def interrupted_step(*args):
-        calls.append(1)
-        if len(calls) == 4:  # the second step of epoch 2: epoch 1 is checkpointed, epoch 2 trained
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(*args)
-
     with mock_tfds(tfds_dir, num_examples=EXAMPLES):
         status, _, err = run(capsys, *cosine, "--workdir", tmp_path / "full")
         assert status == 0, err
-        monkeypatch.setattr(train_lib, "p_train_step", interrupted_step)
+        stop_at(monkeypatch, "p_train_step", 4)  # the second step of epoch 2: epoch 1 checkpointed, epoch 2 trained
         status, _, err = run(capsys, *cosine, "--workdir", tmp_path / "stopped")
         assert status == 130
         assert err == ("interrupted at step 4 (epoch 2, batch 2 of 2): checkpoint saved; rerun the same command "
@@ -172,6 +180,62 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_to_the_same_numbers(tmp_path, backbo
     assert numbers(tmp_path / "stopped") == numbers(tmp_path / "full")
     assert rows(tmp_path / "full")[0]["val_loss"] is None  # --eval-every 2
     assert status == 2 and "cosine schedule decays to zero at epoch 3" in err and err.count("\n") == 1
+
+
+def test_feature_cache_equals_the_full_step_and_resumes_either_way(tmp_path, backbone_file, capsys, monkeypatch):
+    """--freeze backbone --augment none, seed head with dropout: the cached run's metrics equal the full step's
+    (validation accuracy exactly, losses to 1e-4) and so does final.msgpack; a cached run stopped mid-epoch
+    resumes to exactly the uninterrupted cached run, and its checkpoint also continues without the cache."""
+    tfds_dir = tmp_path / "tfds"
+    probe = ("--backbone-weights", backbone_file, "--data-dir", tfds_dir, "--image-size", 32, "--batch-size", 8,
+             "--freeze", "backbone", "--augment", "none", "--epochs", 2)
+    with mock_tfds(tfds_dir, num_examples=EXAMPLES):
+        with monkeypatch.context() as patch:  # the full step alone: the cached path would call None
+            for name in ("p_pooled_features", "p_head_train_step", "p_head_eval_step"):
+                patch.setattr(train_lib, name, None)
+            status, out, err = run(capsys, *probe, "--feature-cache", "off", "--workdir", tmp_path / "full")
+        assert status == 0, err
+        assert "feature cache: off (--feature-cache off)\n" in out
+        status, out, err = run(capsys, *probe, "--workdir", tmp_path / "cached")
+        assert status == 0, err
+        on = [line for line in out.splitlines() if line.startswith("feature cache:")]
+        assert len(on) == 1 and on[0].startswith(
+            "feature cache: on (backbone frozen and in inference mode, no augmentation): the pooled backbone "
+            "features of 40 images computed once in ") and "0.3 MB on the host" in on[0]
+
+        stop_at(monkeypatch, "p_head_train_step", 3)  # step 3: batch 1 of 2 in epoch 2
+        status, _, err = run(capsys, *probe, "--workdir", tmp_path / "stopped")
+        assert status == 130 and err.startswith("interrupted at step 3 (epoch 2, batch 1 of 2): checkpoint saved")
+        monkeypatch.undo()
+        shutil.copytree(tmp_path / "stopped", tmp_path / "switched")
+        status, out, err = run(capsys, *probe, "--workdir", tmp_path / "stopped")
+        assert status == 0, err
+        assert "resuming at step 3 (epoch 2, batch 1 of 2)" in out and "feature cache: on" in out
+        status, out, err = run(capsys, *probe, "--feature-cache", "off", "--workdir", tmp_path / "switched")
+        assert status == 0, err
+        assert "resuming at step 3 (epoch 2, batch 1 of 2)" in out and "feature cache: off" in out
+
+    full, cached = numbers(tmp_path / "full"), numbers(tmp_path / "cached")
+    print("cached / full loss - 1:", [(r["train_loss"] / f["train_loss"] - 1, r["val_loss"] / f["val_loss"] - 1)
+                                      for r, f in zip(cached, full)])
+    assert numbers(tmp_path / "stopped") == cached  # bit for bit: the cache is recomputed identically
+    for other in (cached, numbers(tmp_path / "switched")):
+        assert [r["epoch"] for r in other] == [1, 2]
+        for row, reference in zip(other, full):
+            for key in ("train_accuracy", "train_top5", "val_accuracy", "val_top5"):
+                assert row[key] == reference[key], key
+            for key in ("train_loss", "val_loss"):
+                assert abs(row[key] / reference[key] - 1) < 1e-4, key
+    assert full[1]["train_loss"] != full[0]["train_loss"]  # the head learns: the losses move
+    finals = {name: traverse_util.flatten_dict(load_converted(tmp_path / name / "final.msgpack")[1], sep="/")
+              for name in ("full", "cached", "stopped")}
+    assert finals["full"].keys() == finals["cached"].keys()
+    for path, value in finals["full"].items():
+        if "/backbone/" in path:
+            assert np.array_equal(value, finals["cached"][path]), path  # never touched
+        else:
+            np.testing.assert_allclose(finals["cached"][path], value, rtol=1e-4, atol=1e-6, err_msg=path)
+        assert np.array_equal(finals["stopped"][path], finals["cached"][path]), path
 
 
 def test_runs_differing_in_run_settings_share_the_compiled_steps(tmp_path, backbone_file, capsys, monkeypatch):
