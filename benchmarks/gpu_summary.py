@@ -1,7 +1,7 @@
 """The figures of a benchmarks/gpu.sh run as the README's GPU table (Markdown on stdout) and a bar chart (PNG).
 
-Reads the JSON files gpu.sh wrote into OUT_DIR; a row's cell is '-' where its run has no such variant and
-'no result' where the run's file is missing (the run failed or ran out of time).
+Reads the JSON files gpu.sh wrote into OUT_DIR; a row's cell is '-' where gpu.sh runs no such variant (at
+that batch size) and 'no result' where the run's file is missing (the run failed or ran out of time).
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-# The runs of gpu.sh holding each family's rows, by batch column.
-FILES = {"seed": "seed_256px_b{batch}.json", "torch": "torch_256px_b{batch}.json",
-         "full": "full_224px_b{batch}.json"}
+# The file of each run of gpu.sh, by (family of rows, batch column).
+FILES = {("seed", 64): "seed_256px_b64.json", ("seed", 256): "seed_256px_b256.json",
+         ("torch", 64): "torch_256px_b64.json", ("torch", 256): "torch_256px_b256.json",
+         ("full", 64): "full_224px_b64.json"}
 BATCHES = (64, 256)
+Results = dict[tuple[str, int], dict[str, Any] | None]
 # (README label, family, variant, field); img/s rows first, they make the chart.
 ROWS = (
     ("flaxresnet train step, float32", "seed", "flax:convs:float32", "img_per_s"),
@@ -44,14 +46,10 @@ ROWS = (
 UNITS = {"img_per_s": "img/s", "projected_total_min": "min", "projected_train_min": "min"}
 
 
-def load(out_dir: Path) -> dict[tuple[str, int], dict[str, Any] | None]:
+def load(out_dir: Path) -> Results:
     """Each run's JSON by (family, batch column); None where the file is missing."""
-    results = {}
-    for family, pattern in FILES.items():
-        for batch in BATCHES:
-            path = out_dir / pattern.format(batch=batch)
-            results[family, batch] = json.loads(path.read_text()) if path.exists() else None
-    return results
+    return {key: json.loads((out_dir / name).read_text()) if (out_dir / name).exists() else None
+            for key, name in FILES.items()}
 
 
 def figure(result: dict[str, Any] | None, variant: str, field: str) -> float | None:
@@ -60,17 +58,17 @@ def figure(result: dict[str, Any] | None, variant: str, field: str) -> float | N
     return None if row is None else row.get(field)
 
 
-def cell(result: dict[str, Any] | None, variant: str, field: str) -> str:
+def cell(results: Results, key: tuple[str, int], variant: str, field: str) -> str:
     """A table cell: '1,234 img/s', '3.2 min', '-' (not run) or 'no result' (run failed)."""
-    if result is None:
+    if key in results and results[key] is None:
         return "no result"
-    value = figure(result, variant, field)
+    value = figure(results.get(key), variant, field)
     if value is None:
         return "-"
     return f"{value:,.0f} {UNITS[field]}" if field == "img_per_s" else f"{value:,.1f} {UNITS[field]}"
 
 
-def gpu_name(results: dict[tuple[str, int], dict[str, Any] | None]) -> str:
+def gpu_name(results: Results) -> str:
     """The accelerator the runs saw, as the first JSON that names one says."""
     for result in filter(None, results.values()):
         machine = result["machine"]
@@ -79,23 +77,23 @@ def gpu_name(results: dict[tuple[str, int], dict[str, Any] | None]) -> str:
     return "unknown device"
 
 
-def table(results: dict[tuple[str, int], dict[str, Any] | None]) -> str:
+def table(results: Results) -> str:
     """The README's GPU table, filled in."""
     lines = [f"| {gpu_name(results)}, synthetic data, 32 px -> 256 px (seed recipe) | "
              + " | ".join(f"batch {b}" for b in BATCHES) + " |", "|---|" + "---|" * len(BATCHES)]
     for label, family, variant, field in ROWS:
-        lines.append(f"| {label} | " + " | ".join(cell(results[family, b], variant, field) for b in BATCHES) + " |")
+        lines.append(f"| {label} | " + " | ".join(cell(results, (family, b), variant, field) for b in BATCHES) + " |")
     return "\n".join(lines)
 
 
-def chart(results: dict[tuple[str, int], dict[str, Any] | None], path: Path) -> None:
+def chart(results: Results, path: Path) -> None:
     """Horizontal bars of every img/s row, one bar per batch column."""
     rows = [r for r in ROWS if r[3] == "img_per_s"]
     fig = Figure(figsize=(10, 0.45 * len(rows) * len(BATCHES) + 1.5))
     ax = fig.subplots()
     height = 0.8 / len(BATCHES)
     for i, batch in enumerate(BATCHES):
-        values = [figure(results[family, batch], variant, field) or 0.0 for _, family, variant, field in rows]
+        values = [figure(results.get((family, batch)), variant, field) or 0.0 for _, family, variant, field in rows]
         positions = [y + i * height for y in range(len(rows))]
         bars = ax.barh(positions, values, height, label=f"batch {batch}")
         ax.bar_label(bars, [f"{v:,.0f}" if v else "" for v in values], padding=3, fontsize=8)
