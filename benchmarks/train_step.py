@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import os
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +33,8 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import jax  # noqa: E402
 
 from benchmarks import original  # noqa: E402
-from benchmarks.common import random_resnet50, report, synthetic_split  # noqa: E402
+from benchmarks.common import (add_step_args, median_ratio, parse_step_args, random_resnet50, report,  # noqa: E402
+                               step_rows, synthetic_split, time_steps)
 from flaxresnet import data, train_lib  # noqa: E402
 from flaxresnet.config import Config  # noqa: E402
 from flaxresnet.models import ResNet  # noqa: E402
@@ -103,13 +103,6 @@ def keras_step(variant: Variant, args: argparse.Namespace, split: data.Split) ->
     return step
 
 
-def timed(step: Callable[[], Any]) -> float:
-    """Seconds to run `step` until its outputs are ready."""
-    start = time.perf_counter()
-    jax.block_until_ready(step())
-    return time.perf_counter() - start
-
-
 def ratios(times: dict[Variant, list[float]]) -> dict[str, float]:
     """Medians of per-round step-time ratios: flax/keras, convs/none and bfloat16/float32 where both exist."""
     out = {}
@@ -123,21 +116,7 @@ def ratios(times: dict[Variant, list[float]]) -> dict[str, float]:
             pairs[f"bfloat16/float32 flax {v.freeze}"] = Variant("flax", v.freeze, "float32")
         for name, other in pairs.items():
             if other in times:
-                out[name] = statistics.median(a / b for a, b in zip(times[v], times[other]))
-    return out
-
-
-def projection(variant: Variant, times: dict[Variant, list[float]], first: dict[Variant, float],
-               args: argparse.Namespace) -> dict[str, float]:
-    """Projected minutes of the full run (e.g. 15 epochs of CIFAR-100): its training steps at this variant's
-    median step time; for flax with a flax-eval variant of the same dtype also its evaluations at that
-    throughput and both compilations (the first steps), i.e. the whole run but data loading."""
-    train_s = args.project_epochs * (args.project_train // args.batch_size) * statistics.median(times[variant])
-    out = {"projected_train_min": train_s / 60}
-    evals = [v for v in times if v.impl == "flax-eval" and v.dtype == variant.dtype]
-    if variant.impl == "flax" and evals:
-        eval_s = args.project_epochs * args.project_val * statistics.median(times[evals[0]]) / args.batch_size
-        out["projected_total_min"] = (train_s + eval_s + first[variant] + first[evals[0]]) / 60
+                out[name] = median_ratio(times[v], times[other])
     return out
 
 
@@ -148,45 +127,20 @@ def main(argv: list[str] | None = None) -> None:
                                                                                        DEFAULT_VARIANTS)),
                         help="IMPL:FREEZE:DTYPE, IMPL in flax/keras/flax-eval, FREEZE convs/none, DTYPE "
                              "float32/bfloat16")
-    parser.add_argument("--native-size", type=int, default=32, help="side of the input images (CIFAR: 32)")
-    parser.add_argument("--image-size", type=int, default=128,
-                        help="side the model upsamples them to, a multiple of --native-size (seed: 256)")
-    parser.add_argument("--batch-size", type=int, default=8, help="global batch (seed: 64)")
-    parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant after the first")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (seed-size runs: 20)")
-    parser.add_argument("--project", action="store_true",
-                        help="add the projected minutes of a full run (15 CIFAR-100 epochs by default) to each "
-                             "train variant; for flax with a flax-eval variant of its dtype, evaluation and "
-                             "compilation included")
-    parser.add_argument("--project-epochs", type=int, default=15, help="epochs of the projected full run")
-    parser.add_argument("--project-train", type=int, default=50_000, help="training images an epoch")
-    parser.add_argument("--project-val", type=int, default=10_000, help="validation images an epoch")
+    add_step_args(parser)
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
-    args = parser.parse_args(argv)
-    if args.image_size % args.native_size:
-        parser.error("--image-size must be a multiple of --native-size (nearest upsampling)")
+    args = parse_step_args(parser, argv)
 
     split = synthetic_split(POOL * args.batch_size, args.native_size, args.classes)
     backbone = random_resnet50() if any(v.impl != "keras" for v in args.variants) else None
-    steps, first = {}, {}
-    for v in args.variants:
-        steps[v] = keras_step(v, args, split) if v.impl == "keras" else flax_step(v, args, split, backbone)
-        first[v] = timed(steps[v])
-        print(f"{v}: first step (compile + run) {first[v]:.1f} s", flush=True)
-        for _ in range(args.warmup):
-            timed(steps[v])
-    times = {v: [] for v in args.variants}
-    for _ in range(args.steps):
-        for v in args.variants:
-            times[v].append(timed(steps[v]))
+    builders = {v: functools.partial(keras_step, v, args, split) if v.impl == "keras"
+                else functools.partial(flax_step, v, args, split, backbone) for v in args.variants}
+    first, times = time_steps(builders, args.warmup, args.steps, jax.block_until_ready)
 
-    rows = []
-    for v in args.variants:
-        step_s = statistics.median(times[v])
-        rows.append({"variant": str(v), "first_step_s": first[v], "step_ms": 1000 * step_s,
-                     "min_step_ms": 1000 * min(times[v]), "img_per_s": args.batch_size / step_s,
-                     **(projection(v, times, first, args) if args.project and v.impl != "flax-eval" else {})})
+    evaluations = {v.dtype: v for v in args.variants if v.impl == "flax-eval"}
+    train = {v: evaluations.get(v.dtype) if v.impl == "flax" else None for v in args.variants
+             if v.impl != "flax-eval"}
+    rows = step_rows(first, times, args, train)
     shape = f"{args.native_size} px -> {args.image_size} px, batch {args.batch_size}"
     settings = {k: v for k, v in vars(args).items() if k not in ("variants", "out")}
     report(f"seed-recipe train step ({shape})", rows, args.out, ratios=ratios(times),

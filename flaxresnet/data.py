@@ -127,8 +127,13 @@ def load_dataset(spec: str, data_dir: str | None = None, seed: int = 0, image_si
 
 def _load_tfds(name: str, label_key: str, data_dir: str | None, seed: int, image_size: int | None) -> Dataset:
     """Read a prepared tfds dataset through its random-access data source; never downloads."""
-    import tensorflow_datasets as tfds
-
+    try:  # imported here, so that every other source works without tensorflow-datasets installed
+        import tensorflow_datasets as tfds
+    except ModuleNotFoundError as e:
+        if e.name != "tensorflow_datasets":
+            raise
+        raise UserError(f"tfds dataset {name!r} needs tensorflow-datasets, which is not installed: pip install "
+                        f"tensorflow-datasets (or use a folder:PATH or digits dataset)") from e
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError as e:

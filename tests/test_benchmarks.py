@@ -1,5 +1,7 @@
-"""Smoke tests of the benchmark scripts: every one explains itself, the cheap ones write their JSON, and the GPU
-script refuses to run without a GPU. No timing is asserted (benchmarks are measured, never tested)."""
+"""Smoke tests of the benchmark scripts: every one explains itself, the cheap ones write their JSON, the GPU
+script refuses to run without a GPU and its summary fills the README table; the project imports without
+tensorflow-datasets (the lent GPU machine has none). No timing is asserted (benchmarks are measured, never
+tested). The PyTorch ones run only where torch is installed (not in CI: it is not a test dependency)."""
 
 from __future__ import annotations
 
@@ -8,16 +10,22 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
-from benchmarks import checkpoint, convert, epoch, feature_cache, input_pipeline, train_step
+from benchmarks import checkpoint, convert, epoch, feature_cache, gpu_summary, input_pipeline, torch_step, train_step
+from benchmarks.common import report
+from flaxresnet import augment
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", [checkpoint, convert, epoch, feature_cache, input_pipeline, train_step])
+@pytest.mark.parametrize("script", [checkpoint, convert, epoch, feature_cache, gpu_summary, input_pipeline,
+                                    torch_step, train_step])
 def test_help(script, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
@@ -48,6 +56,89 @@ def test_variant_parsing():
     assert str(train_step.Variant.parse("keras:none:bfloat16")) == "keras:none:bfloat16"
     with pytest.raises(argparse.ArgumentTypeError, match="IMPL:FREEZE:DTYPE"):
         train_step.Variant.parse("flax:convs")
+    assert str(torch_step.Variant.parse("torch:compile:bfloat16")) == "torch:compile:bfloat16"
+    with pytest.raises(argparse.ArgumentTypeError, match="IMPL:EXEC:DTYPE"):
+        torch_step.Variant.parse("torch:jit:bfloat16")
+
+
+def test_torch_step_writes_json(tmp_path):
+    """The cheapest real PyTorch run: the eager eval step on the CPU."""
+    pytest.importorskip("torchvision")
+    out = tmp_path / "torch.json"
+    torch_step.main(["--variants", "torch-eval:eager:float32", "--image-size", "32", "--batch-size", "2",
+                     "--steps", "1", "--warmup", "0", "--out", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["variant"] == "torch-eval:eager:float32" and row["img_per_s"] > 0
+    assert result["machine"]["torch"].startswith("2.") and result["settings"]["batch_size"] == 2
+
+
+def test_torch_random_erasing_samples_as_flaxresnet():
+    """Same gate, rectangle sizes and fill as flaxresnet.augment.random_erasing, over 4,000 images of 32 px."""
+    torch = pytest.importorskip("torch")
+    n, size = 4000, 32
+    torch.manual_seed(0)
+    torch.manual_seed(0)  # -1 lies outside the noise's [0, 1): erased pixels are the changed ones
+    torch_mask = torch_step.random_erasing(torch.full((n, size, size, 3), -1.0)).numpy() != -1
+    flax_mask = np.asarray(jax.vmap(augment.random_erasing)(jax.random.split(jax.random.key(0), n),
+                                                            jax.numpy.full((n, size, size, 3), -1.0))) != -1
+    mean_areas = []
+    for mask in (torch_mask, flax_mask):
+        areas = mask[..., 0].sum((1, 2))
+        rows, cols = mask[..., 0].any(2).sum(1), mask[..., 0].any(1).sum(1)
+        assert (mask == mask[..., :1]).all() and (areas == rows * cols).all()  # one rectangle, every channel
+        assert abs((areas > 0).mean() - 0.5) < 0.03  # p = 0.5
+        assert areas.max() <= 0.4 * size * size
+        mean_areas.append(areas[areas > 0].mean())
+    assert mean_areas[0] == pytest.approx(mean_areas[1], rel=0.05)
+
+
+def test_gpu_summary_fills_the_readme_table(tmp_path, capsys):
+    h200 = {"device_name": "NVIDIA H200"}
+    report("b64", [{"variant": "flax:convs:float32", "img_per_s": 1234.4, "projected_total_min": 3.21},
+                   {"variant": "flax-eval:convs:float32", "img_per_s": 5000.0}],
+           str(tmp_path / "seed_256px_b64.json"), accelerator=h200)
+    report("torch", [{"variant": "torch:compile:bfloat16", "img_per_s": 2100.0, "projected_total_min": 4.06}],
+           str(tmp_path / "torch_256px_b256.json"), accelerator=h200)
+    capsys.readouterr()
+    gpu_summary.main([str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| NVIDIA H200, synthetic data, 32 px -> 256 px (seed recipe) | batch 64 | batch 256 |"
+    assert len(lines) == 2 + len(gpu_summary.ROWS) + 1  # header, rule, rows, "wrote ..."
+    cells = {label: rest for label, *rest in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in lines[2:-1])}
+    assert cells["flaxresnet train step, float32"] == ["1,234 img/s", "no result"]
+    assert cells["flaxresnet train step, bfloat16"] == ["-", "no result"]
+    assert cells["flaxresnet eval step, float32"] == ["5,000 img/s", "no result"]
+    assert cells["PyTorch `torch.compile`, bfloat16 autocast"] == ["no result", "2,100 img/s"]
+    assert cells["15-epoch CIFAR-100 run, flaxresnet float32 (all but data loading)"] == ["3.2 min", "no result"]
+    assert cells["full fine-tune at 224 px, flaxresnet float32"] == ["no result", "-"]  # gpu.sh: batch 64 only
+    assert (tmp_path / "gpu_summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_project_imports_without_tensorflow_datasets(tmp_path):
+    """Every module imports and the digits source loads with tensorflow_datasets blocked; asking for cifar100
+    is then one clear line on stderr and exit status 2, as train.py would end."""
+    script = textwrap.dedent(f"""
+        import importlib, pkgutil, sys
+        sys.modules["tensorflow_datasets"] = None  # `import tensorflow_datasets` raises ModuleNotFoundError
+        import benchmarks, convert, flaxresnet
+        for package in (flaxresnet, convert, benchmarks):
+            for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+                importlib.import_module(module.name)
+        import train
+        from flaxresnet import data
+        ds = data.load_dataset("digits")
+        assert len(ds.train) + len(ds.validation) == 1797, len(ds.train)
+        sys.exit(train.main(["--dataset", "cifar100", "--backbone-weights", "none", "--workdir", {str(tmp_path)!r}]))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines()[-1] == ("error: tfds dataset 'cifar100' needs tensorflow-datasets, which is not "
+                                           "installed: pip install tensorflow-datasets (or use a folder:PATH or "
+                                           "digits dataset)")
+    assert "Traceback" not in run.stderr
 
 
 def test_gpu_script_needs_a_gpu(tmp_path):
