@@ -47,7 +47,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from tqdm import tqdm
 
-from flaxresnet import checkpoints, data, distributed, freeze, preemption, train_lib, weights_file
+from flaxresnet import checkpoints, compile_cache, data, distributed, freeze, preemption, train_lib, weights_file
 from flaxresnet.config import Config
 from flaxresnet.errors import UserError, flag
 from flaxresnet.models import Classifier, ResNet
@@ -91,6 +91,7 @@ def train_and_evaluate(config: Config) -> Row:
     batch size, corrupt checkpoint, non-finite loss, ...) raise UserError, checked before slow work starts;
     SIGTERM or Ctrl-C while training raises Preempted once a checkpoint is saved.
     """
+    compile_cache.enable(config.compile_cache)
     distributed.initialize(config.coordinator, config.num_processes, config.process_id)
     distributed.check_batch_size(config.batch_size)
     if config.workdir is None:

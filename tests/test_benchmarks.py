@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import checkpoint, convert, epoch, input_pipeline, train_step
+from benchmarks import checkpoint, compile_cache, convert, epoch, input_pipeline, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", [checkpoint, convert, epoch, input_pipeline, train_step])
+@pytest.mark.parametrize("script", [checkpoint, compile_cache, convert, epoch, input_pipeline, train_step])
 def test_help(script, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
