@@ -5,6 +5,8 @@ Each run is a fresh `python train.py` process with its own work folder (so nothi
 own cache folder. The first step is timed by a small hook: train.py runs under `runpy` with
 `train_lib.p_train_step` and `p_eval_step` wrapped so that their first two calls are timed until their results
 are ready; the first call is compilation (or loading it from the cache) plus one step, the second one step.
+Within the first train step, JAX's own compilation events give the time spent tracing the step in Python,
+lowering it to HLO and compiling it or loading it from the cache: what a warm cache can and cannot save.
 The wall time is the whole process, from its start (imports included) to its exit. Settings:
   small  digits (8x8 px, 1,437 training images), a random ResNet50 backbone file, --freeze backbone,
          --image-size none, batch 64, 1 epoch
@@ -30,20 +32,27 @@ from benchmarks.common import random_resnet50, report
 from flaxresnet import weights_file
 
 ROOT = Path(__file__).resolve().parents[1]
-# train.py with its first two train and eval step calls timed (argv[1]: the JSON file the times are written to).
+# train.py with its first two train and eval step calls timed, and JAX's compilation phases (tracing, lowering to
+# HLO, compiling or loading from the cache) during the first train step summed (argv[1]: the JSON file written).
 HOOK = """
-import json, runpy, sys, time
+import collections, json, runpy, sys, time
 import jax
+from jax import monitoring
 from flaxresnet import train_lib
 log = sys.argv.pop(1)
 times = {"train": [], "eval": []}
+phases, measuring = collections.Counter(), [False]
+monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kwargs: measuring[0] and phases.update({event.rsplit("/", 1)[-1]: duration}))
 def timed(name, step):
     def run(*args):
         if len(times[name]) == 2:
             return step(*args)
+        measuring[0] = name == "train" and not times["train"]
         start = time.perf_counter()
         out = jax.block_until_ready(step(*args))
         times[name].append(time.perf_counter() - start)
+        measuring[0] = False
         return out
     return run
 train_lib.p_train_step = timed("train", train_lib.p_train_step)
@@ -53,7 +62,7 @@ try:
     runpy.run_path("train.py", run_name="__main__")
 finally:
     with open(log, "w") as f:
-        json.dump(times, f)
+        json.dump({**times, "phases": phases}, f)
 """
 SETTINGS = {
     "small": ["--dataset", "digits", "--freeze", "backbone", "--image-size", "none", "--batch-size", "64"],
@@ -90,8 +99,11 @@ def run(argv: list[str], cache: str, root: Path, name: str) -> dict[str, Any]:
         raise SystemExit(f"train.py failed ({name}):\n{done.stderr[-3000:]}")
     steps = json.loads(times.read_text())
     after = cache_entries(folder)
-    return {"first_step_s": steps["train"][0], "step_s": steps["train"][1], "first_eval_s": steps["eval"][0],
-            "wall_s": wall, "entries_added": after[0] - before[0], "kb_added": (after[1] - before[1]) / 1e3}
+    phases = steps["phases"]
+    return {"first_step_s": steps["train"][0], "trace_s": phases["jaxpr_trace_duration"],
+            "lower_s": phases["jaxpr_to_mlir_module_duration"], "compile_or_load_s": phases["backend_compile_duration"],
+            "step_s": steps["train"][1], "first_eval_s": steps["eval"][0], "wall_s": wall,
+            "entries_added": after[0] - before[0], "kb_added": (after[1] - before[1]) / 1e3}
 
 
 def main(argv: list[str] | None = None) -> None:

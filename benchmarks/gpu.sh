@@ -2,7 +2,7 @@
 # One-shot GPU benchmark of flaxresnet vs Keras 3 (JAX backend) on one GPU; about 8 minutes on an H100.
 #
 # Set-up, from a clone (no network needed afterwards: all data are synthetic uint8):
-#   python3 -m venv .venv && .venv/bin/pip install -e '.[keras]' 'jax[cuda12]'
+#   python3 -m venv .venv && .venv/bin/pip install -e '.[keras,cuda12]'   # or cuda13
 # Run (from anywhere):
 #   PYTHON=.venv/bin/python benchmarks/gpu.sh OUT_DIR
 # Writes into OUT_DIR:
@@ -27,7 +27,7 @@ if [ "${GPU_BENCH_TINY:-0}" = 1 ]; then
 else
   seed_px=256 full_px=224 small=64 large=256 steps=20 examples=50000 scale=1
   "$python" -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" || {
-    echo "no GPU visible to JAX: pip install 'jax[cuda12]' (or set GPU_BENCH_TINY=1 for a CPU check)" >&2
+    echo "no GPU visible to JAX: pip install -e '.[cuda12]' or '.[cuda13]', or set GPU_BENCH_TINY=1 for a CPU check" >&2
     exit 1
   }
 fi

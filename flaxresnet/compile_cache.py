@@ -3,11 +3,11 @@ the compiled steps do not depend on loads them from disk instead of compiling th
 
 `enable(setting)` is called before anything compiles: by the training loop (`Config.compile_cache`, a local
 setting, so resuming may change it) and by the evaluate and predict commands (`add_flag`). JAX keys each entry by
-the compiled program (its HLO, without source locations), the compile options, the devices, the backend and the
-jax/jaxlib versions, so a changed step is a new entry and never a stale hit. In a multi-process run every process
-reads the cache and process 0 alone writes it (JAX does both), so the folder should be one they share (or each
-process's own copy). The folder grows by what each new set of settings compiles (a few hundred kB on CPU for a
-small run); delete it at any time.
+the compiled program (its HLO, without source locations), the compile options and XLA flags, the devices, the
+backend and the jaxlib version, so a changed step is a new entry and never a stale hit. In a multi-process run
+every process reads the cache and process 0 alone writes it (JAX does both), so the folder should be one they all
+see: a folder of each host's own would serve process 0 only. The folder grows by what each new set of settings
+compiles (about 1 MB on CPU for a small run); nothing evicts old entries, so delete it at any time.
 """
 
 from __future__ import annotations

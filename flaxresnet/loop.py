@@ -85,7 +85,8 @@ def say(text: str) -> None:
 def train_and_evaluate(config: Config) -> Row:
     """Train and evaluate as `config` says, resuming from the work folder's newest checkpoint if there is one;
     as one process of a multi-process run when `config.coordinator` is set (this starts `jax.distributed`,
-    so call it before anything else touches a device).
+    so call it before anything else touches a device). JAX's persistent compilation cache is set first, as
+    `config.compile_cache` says (`compile_cache.enable`), for everything this process compiles from then on.
 
     Returns the last epoch's metrics (a metrics.jsonl row). Foreseeable problems (weights file, dataset,
     batch size, corrupt checkpoint, non-finite loss, ...) raise UserError, checked before slow work starts;
