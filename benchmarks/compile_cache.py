@@ -80,16 +80,16 @@ def image_folder(root: Path, classes: int = 2, per_class: int = 10, size: int = 
     return root
 
 
-def cache_entries(folder: Path) -> tuple[int, int]:
-    """(entries, bytes) of a JAX compilation cache folder."""
-    files = list(folder.glob("*-cache")) if folder.is_dir() else []
+def cache_entries(folder: Path | None) -> tuple[int, int]:
+    """(entries, bytes) of a JAX compilation cache folder (none for None, the cache off)."""
+    files = list(folder.glob("*-cache")) if folder is not None and folder.is_dir() else []
     return len(files), sum(f.stat().st_size for f in files)
 
 
 def run(argv: list[str], cache: str, root: Path, name: str) -> dict[str, Any]:
     """One train.py process: its first train/eval step times, wall time and what it added to the cache."""
     times = root / f"{name}.json"
-    folder = Path(cache)
+    folder = None if cache == "off" else Path(cache)
     before = cache_entries(folder)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", HOOK, str(times), *argv, "--workdir", str(root / name),
@@ -111,19 +111,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", nargs="+", choices=tuple(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--out", default="benchmarks/results/compile_cache.json")
     args = parser.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="flaxresnet-compile-cache-"))
-    backbone = root / "backbone.msgpack"
-    weights_file.save(backbone, random_resnet50()[1], {"model": {"kind": "resnet", "config": {"depth": 50}}})
-    datasets = {"small": [], "seed": ["--dataset", f"folder:{image_folder(root / 'images')}"]}
-    rows, ratios = [], {}
-    for setting in args.settings:
-        command = ["--backbone-weights", str(backbone), *SETTINGS[setting], *datasets[setting], "--epochs", "1"]
-        cache = str(root / f"cache-{setting}")
-        runs = {"cold": run(command, cache, root, f"{setting}-cold"), "warm": run(command, cache, root,
-                f"{setting}-warm"), "off": run(command, "off", root, f"{setting}-off")}
-        rows += [{"setting": setting, "cache": name, **values} for name, values in runs.items()]
-        ratios[setting] = {"first_step": runs["warm"]["first_step_s"] / runs["cold"]["first_step_s"],
-                           "wall": runs["warm"]["wall_s"] / runs["cold"]["wall_s"]}
+    with tempfile.TemporaryDirectory(prefix="flaxresnet-compile-cache-") as folder:
+        root = Path(folder)
+        backbone = root / "backbone.msgpack"
+        weights_file.save(backbone, random_resnet50()[1], {"model": {"kind": "resnet", "config": {"depth": 50}}})
+        datasets = {"small": [], "seed": ["--dataset", f"folder:{image_folder(root / 'images')}"]}
+        rows, ratios = [], {}
+        for setting in args.settings:
+            command = ["--backbone-weights", str(backbone), *SETTINGS[setting], *datasets[setting], "--epochs", "1"]
+            cache = str(root / f"cache-{setting}")
+            runs = {"cold": run(command, cache, root, f"{setting}-cold"), "warm": run(command, cache, root,
+                    f"{setting}-warm"), "off": run(command, "off", root, f"{setting}-off")}
+            rows += [{"setting": setting, "cache": name, **values} for name, values in runs.items()]
+            ratios[setting] = {"first_step": runs["warm"]["first_step_s"] / runs["cold"]["first_step_s"],
+                               "wall": runs["warm"]["wall_s"] / runs["cold"]["wall_s"]}
     report("compilation cache: a second identical train.py run (warm) vs the first (cold)", rows, args.out,
            warm_over_cold=ratios, first_step_target="<= 0.25")
 
