@@ -40,8 +40,8 @@ if [ "${GPU_BENCH_TINY:-0}" = 1 ]; then
 else
   seed_px=256 full_px=224 small=64 large=256 steps=20 warmup=2 examples=50000 tiny=0
   "$python" -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" || {
-    echo "no GPU visible to JAX: install jax with GPU support, e.g. pip install 'jax[cuda12]' (or set" \
-      "GPU_BENCH_TINY=1 for a CPU check)" >&2
+    echo "no GPU visible to JAX: install jax with GPU support, e.g. pip install -e '.[cuda12]' or" \
+      "'.[cuda13]' (or set GPU_BENCH_TINY=1 for a CPU check)" >&2
     exit 1
   }
 fi

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 
 from flaxresnet import augment as augment_lib
+from flaxresnet import compile_cache as compile_cache_lib
 from flaxresnet import data, freeze
 from flaxresnet.errors import UserError
 from flaxresnet.models import HEADS, STAGE_BLOCKS
@@ -155,6 +156,8 @@ class Config:
                                        check=_positive_or_none, metavar="N", local=True)
     process_id: int | None = option(None, "multi-process run: this process's id, 0 to N-1 (with --coordinator)",
                                     check=_non_negative_or_none, metavar="I", local=True)
+    compile_cache: str = option(compile_cache_lib.DEFAULT, compile_cache_lib.HELP, check=compile_cache_lib.check,
+                                metavar=compile_cache_lib.METAVAR, local=True)
 
     def __post_init__(self) -> None:
         # A list from JSON or a command line becomes a tuple, keeping the config hashable.

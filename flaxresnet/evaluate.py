@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from flaxresnet import data, loop, train_lib, weights_file
+from flaxresnet import compile_cache, data, loop, train_lib, weights_file
 from flaxresnet.errors import UserError, run_command
 from flaxresnet.models import Classifier
 
@@ -111,13 +111,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="folder for confusion_SPLIT.png (default: the weights file's folder)")
     parser.add_argument("--seed", type=int,
                         help="seed of the validation split-off for folder/digits datasets (default: the run's)")
+    compile_cache.add_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_command(lambda: print(run(args.weights, args.dataset, args.data_dir, args.split, args.batch_size,
-                                         args.out, args.seed)))
+
+    def evaluate() -> None:
+        compile_cache.enable(args.compile_cache)
+        print(run(args.weights, args.dataset, args.data_dir, args.split, args.batch_size, args.out, args.seed))
+
+    return run_command(evaluate)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from tqdm import tqdm
 
-from flaxresnet import (checkpoints, data, distributed, feature_cache, freeze, optim, preemption, tensorboard,
-                        train_lib, weights_file)
+from flaxresnet import (checkpoints, compile_cache, data, distributed, feature_cache, freeze, optim, preemption,
+                        tensorboard, train_lib, weights_file)
 from flaxresnet.config import Config
 from flaxresnet.errors import UserError, flag
 from flaxresnet.models import Classifier, ResNet
@@ -92,12 +92,14 @@ def say(text: str) -> None:
 def train_and_evaluate(config: Config) -> Row:
     """Train and evaluate as `config` says, resuming from the work folder's newest checkpoint if there is one;
     as one process of a multi-process run when `config.coordinator` is set (this starts `jax.distributed`,
-    so call it before anything else touches a device).
+    so call it before anything else touches a device). JAX's persistent compilation cache is set first, as
+    `config.compile_cache` says (`compile_cache.enable`), for everything this process compiles from then on.
 
     Returns the last epoch's metrics (a metrics.jsonl row). Foreseeable problems (weights file, dataset,
     batch size, corrupt checkpoint, non-finite loss, ...) raise UserError, checked before slow work starts;
     SIGTERM or Ctrl-C while training raises Preempted once a checkpoint is saved.
     """
+    compile_cache.enable(config.compile_cache)
     distributed.initialize(config.coordinator, config.num_processes, config.process_id)
     distributed.check_batch_size(config.batch_size)
     if config.workdir is None:

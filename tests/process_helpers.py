@@ -39,16 +39,17 @@ def free_port() -> int:
 
 
 class Run:
-    """train.py as `processes` processes of `devices // processes` CPU devices each, one command line; each
-    process's stdout and stderr go to files beside the work folder."""
+    """train.py as `processes` processes of `devices // processes` CPU devices each, one command line, in this
+    process's environment (so with its user cache folder, tests/conftest.py); each process's stdout and stderr
+    go to files beside the work folder."""
 
-    def __init__(self, argv: Sequence[str], workdir: Path, processes: int, devices: int, env: dict[str, str],
+    def __init__(self, argv: Sequence[str], workdir: Path, processes: int, devices: int,
                  record_writes: bool = False) -> None:
         self.workdir, self.processes = workdir, processes
         self.logs = workdir.parent / f"{workdir.name}-logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         port = free_port()
-        env = {**os.environ, **env, "JAX_PLATFORMS": "cpu",
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices // processes}"}
         self.popen: list[subprocess.Popen] = []
         for i in range(processes):

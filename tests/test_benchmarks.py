@@ -17,15 +17,16 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import checkpoint, convert, epoch, feature_cache, gpu_summary, input_pipeline, torch_step, train_step
+from benchmarks import (checkpoint, compile_cache, convert, epoch, feature_cache, gpu_summary, input_pipeline,
+                        torch_step, train_step)
 from benchmarks.common import report
 from flaxresnet import augment
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", [checkpoint, convert, epoch, feature_cache, gpu_summary, input_pipeline,
-                                    torch_step, train_step])
+@pytest.mark.parametrize("script", [checkpoint, compile_cache, convert, epoch, feature_cache, gpu_summary,
+                                    input_pipeline, torch_step, train_step])
 def test_help(script, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])

@@ -5,8 +5,9 @@ periodic mid-epoch checkpoint after `kill -9`.
 
 Kept small on 2 CPU cores: digits (8x8 px, 44 steps of 32 an epoch), a random backbone with `--freeze backbone`
 (the head and its BatchNorm train, gradients and statistics averaged over all devices), 2 epochs, a checkpoint
-every 15 steps, and one persistent compilation cache for every process started here. Every process is ended
-(killed if need be) when its test ends.
+every 15 steps, and train.py's persistent compilation cache, in the session's user cache folder
+(tests/conftest.py), for every process started here. Every process is ended (killed if need be) when its test
+ends.
 """
 
 from __future__ import annotations
@@ -31,13 +32,6 @@ TIMING_KEYS = {"seconds", "img_per_s"}
 FILES = ["checkpoints", "config.json", "curves.png", "final.msgpack", "metrics.jsonl"]
 STOPPED = re.compile(r"preempted at step (\d+) \(epoch (\d), batch (\d+) of 44\): checkpoint saved; rerun the "
                      r"same command to resume")
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    """One persistent compilation cache for every process of this module."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +60,10 @@ def assert_same_run(workdir: Path, reference: Path) -> None:
     assert all(np.array_equal(final[k], expected[k]) for k in final)
 
 
-def complete_run(tmp_path_factory, argv, env, processes: int) -> Path:
+def complete_run(tmp_path_factory, argv, processes: int) -> Path:
     workdir = tmp_path_factory.mktemp(f"reference-{processes}") / "run"
     start = time.perf_counter()
-    with running(argv, workdir, processes, 2, env, record_writes=processes > 1) as run:
+    with running(argv, workdir, processes, 2, record_writes=processes > 1) as run:
         statuses = run.wait(TIMEOUT)
         assert statuses == [0] * processes, run.err(0)[-3000:]
     print(f"{processes} process(es) x {2 // processes} device(s): {time.perf_counter() - start:.1f} s")
@@ -77,15 +71,15 @@ def complete_run(tmp_path_factory, argv, env, processes: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, argv, env) -> Path:
+def one_process(tmp_path_factory, argv) -> Path:
     """An uninterrupted run: 1 process x 2 devices."""
-    return complete_run(tmp_path_factory, argv, env, 1)
+    return complete_run(tmp_path_factory, argv, 1)
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory, argv, env) -> Path:
+def two_processes(tmp_path_factory, argv) -> Path:
     """An uninterrupted run: 2 processes x 1 device, process 1 recording what it writes."""
-    return complete_run(tmp_path_factory, argv, env, 2)
+    return complete_run(tmp_path_factory, argv, 2)
 
 
 def test_two_processes_equal_one_with_as_many_devices(one_process, two_processes):
@@ -103,11 +97,11 @@ def test_two_processes_equal_one_with_as_many_devices(one_process, two_processes
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_sigterm_mid_epoch_saves_and_resumes_to_the_same_numbers(tmp_path, argv, env, one_process,
+def test_sigterm_mid_epoch_saves_and_resumes_to_the_same_numbers(tmp_path, argv, one_process,
                                                                   two_processes, processes):
     """SIGTERM to process 0 alone (1 process) or to process 1 of 2: every process stops after the same step."""
     workdir = tmp_path / "run"
-    with running(argv, workdir, processes, 2, env) as run:
+    with running(argv, workdir, processes, 2) as run:
         run.wait_for_checkpoint(EVERY, TIMEOUT)
         run.signal(signal.SIGTERM, processes - 1)
         sent = time.perf_counter()
@@ -124,20 +118,20 @@ def test_sigterm_mid_epoch_saves_and_resumes_to_the_same_numbers(tmp_path, argv,
     assert (workdir / "checkpoints" / str(step) / "commit_success.txt").exists()
     assert not (workdir / "final.msgpack").exists()
 
-    with running(argv, workdir, processes, 2, env) as run:
+    with running(argv, workdir, processes, 2) as run:
         assert run.wait(TIMEOUT) == [0] * processes, run.err(0)[-3000:]
     assert f"resuming at step {step} (epoch 1, batch {step} of {STEPS}) from checkpoints/{step}" in run.out(0)
     assert_same_run(workdir, two_processes if processes == 2 else one_process)
 
 
-def test_kill_9_resumes_from_a_periodic_checkpoint_to_the_same_numbers(tmp_path, argv, env, one_process):
+def test_kill_9_resumes_from_a_periodic_checkpoint_to_the_same_numbers(tmp_path, argv, one_process):
     """No chance to save: the run resumes from the newest complete periodic checkpoint, in epoch 2."""
     workdir = tmp_path / "run"
-    with running(argv, workdir, 1, 2, env) as run:
+    with running(argv, workdir, 1, 2) as run:
         run.wait_for_checkpoint(4 * EVERY, TIMEOUT)
         run.signal(signal.SIGKILL)
         assert run.wait(30) == [-signal.SIGKILL]
-    with running(argv, workdir, 1, 2, env) as run:
+    with running(argv, workdir, 1, 2) as run:
         assert run.wait(TIMEOUT) == [0], run.err(0)[-3000:]
     resumed = re.search(r"resuming at step (\d+) \(epoch 2, batch (\d+) of 44\)", run.out(0))
     assert resumed, run.out(0)

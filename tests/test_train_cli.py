@@ -3,9 +3,9 @@ files, final.msgpack, the feature cache against the full step, and each foreseea
 with exit status 2.
 
 Kept fast on 2 CPU cores: a random backbone file with `--freeze backbone` (the step then differentiates the head
-only), 32 px images not upsampled, batches of 8, a few steps an epoch, and one persistent XLA compilation cache
-for every run of the file (in-process runs of equal step settings share their compiled steps anyway, as a test
-here shows; the cache serves the subprocess runs).
+only), 32 px images not upsampled, batches of 8, a few steps an epoch, and train.py's own persistent compilation
+cache in the session's user cache folder (tests/conftest.py; in-process runs of equal step settings share their
+compiled steps anyway, as a test here shows).
 """
 
 from __future__ import annotations
@@ -45,21 +45,6 @@ TINY = ("--image-size", "32", "--batch-size", "8", "--freeze", "backbone", "--au
 ROW_KEYS = {"epoch", "train_loss", "train_accuracy", "train_top5", "val_loss", "val_accuracy", "val_top5",
             "seconds", "img_per_s"}
 TIMING_KEYS = {"seconds", "img_per_s"}
-CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
-                 "jax_persistent_cache_min_entry_size_bytes": 0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Every run of this file shares one persistent compilation cache; also passed to subprocesses."""
-    folder = str(tmp_path_factory.mktemp("xla_cache"))
-    before = {name: getattr(jax.config, name) for name in CACHE_OPTIONS}
-    for name, value in {**CACHE_OPTIONS, "jax_compilation_cache_dir": folder}.items():
-        jax.config.update(name, value)
-    yield folder
-    for name, value in before.items():
-        jax.config.update(name, value)
-
 
 @pytest.fixture(scope="module")
 def backbone_file(tmp_path_factory) -> Path:
@@ -296,10 +281,10 @@ def test_workdir_that_is_a_file_is_one_line(tmp_path, capsys):
                                   f"another --workdir\n"
 
 
-def test_image_folder_run_in_a_subprocess(tmp_path, backbone_file, compilation_cache):
+def test_image_folder_run_in_a_subprocess(tmp_path, backbone_file):
+    """Also: the compilation cache is on by default, in $XDG_CACHE_HOME/flaxresnet/jax-compilation-cache."""
     folder = write_image_folder(tmp_path / "images", {"cat": 12, "dog": 12, "fish": 12})
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": compilation_cache,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "user-cache")}
     done = subprocess.run([sys.executable, "train.py", "--backbone-weights", backbone_file, "--dataset",
                            f"folder:{folder}", *TINY, "--epochs", "1", "--workdir", tmp_path / "run"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -311,6 +296,8 @@ def test_image_folder_run_in_a_subprocess(tmp_path, backbone_file, compilation_c
     model, variables = load_converted(tmp_path / "run" / "final.msgpack")
     _, metadata = weights_file.load(tmp_path / "run" / "final.msgpack")
     assert metadata["class_names"] == ["cat", "dog", "fish"] and model.num_classes == 3
+    # Every program the run compiled: the train and evaluation steps, the initialisation and ~130 small ones.
+    assert len(list((tmp_path / "user-cache" / "flaxresnet" / "jax-compilation-cache").glob("jit_*-cache"))) > 100
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path, backbone_file, capsys, monkeypatch):
@@ -393,12 +380,13 @@ def test_every_option_is_a_flag_of_its_field():
     assert train.parse_args(["--backbone-weights", "b.msgpack", "--augment", "flip, cutout",
                              "--workdir", "w"]).augment == ("flip", "cutout")
     launch = train.parse_args(["--backbone-weights", "none", "--coordinator", "10.0.0.1:1234", "--num-processes", "2",
-                               "--process-id", "1", "--checkpoint-every", "none"])
+                               "--process-id", "1", "--checkpoint-every", "none", "--compile-cache", "off"])
     assert (launch.coordinator, launch.num_processes, launch.process_id) == ("10.0.0.1:1234", 2, 1)
     assert launch.checkpoint_every is None and launch.workdir is None  # the loop names a fresh folder
-    # How a process joins the run is not a setting of the run: never saved, so resuming may change it.
+    assert launch.compile_cache == "off" and Config(backbone_weights=None).compile_cache == "default"
+    # How a process joins the run and caches is not a setting of the run: never saved, so resuming may change it.
     assert launch.to_dict() == Config(backbone_weights=None, checkpoint_every=None).to_dict()
-    assert not {"coordinator", "num_processes", "process_id"} & set(launch.to_dict())
+    assert not {"coordinator", "num_processes", "process_id", "compile_cache"} & set(launch.to_dict())
 
 
 def test_batch_size_not_divisible_by_devices(tmp_path):
@@ -413,7 +401,7 @@ def test_batch_size_not_divisible_by_devices(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     ({"epochs": 5, "eval_every": 2, "workdir": "elsewhere", "data_dir": "moved", "checkpoint_every": 7,
-      "coordinator": "h:1", "num_processes": 2, "process_id": 1}, None),
+      "coordinator": "h:1", "num_processes": 2, "process_id": 1, "compile_cache": "off"}, None),
     ({"learning_rate": 0.01}, "other settings (--learning-rate 0.001 -> 0.01)"),
     ({"epochs": 2}, "holds a run already in epoch 3: pass --epochs 3 or more"),
     ({"schedule": "cosine", "epochs": 5}, "other settings (--schedule constant -> cosine)"),
