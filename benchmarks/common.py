@@ -162,3 +162,13 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
     return str(value)
+
+
+def parse_variant(spec: str, impls: tuple[str, ...], middle: str, choices: tuple[str, ...]) -> list[str]:
+    """A benchmark variant 'IMPL:MIDDLE:DTYPE' as its three parts; argparse's error naming the allowed values."""
+    parts, dtypes = spec.split(":"), ("float32", "bfloat16")
+    if len(parts) != 3 or parts[0] not in impls or parts[1] not in choices or parts[2] not in dtypes:
+        raise argparse.ArgumentTypeError(f"variant {spec!r} is not IMPL:{middle.upper()}:DTYPE with IMPL in "
+                                         f"{'/'.join(impls)}, {middle.upper()} {'/'.join(choices)}, DTYPE "
+                                         f"{'/'.join(dtypes)}")
+    return parts

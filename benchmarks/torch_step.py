@@ -31,8 +31,8 @@ from collections.abc import Callable
 from typing import Any
 
 # JAX comes with these imports but is never used here (no backend starts, so it takes none of the GPU's memory).
-from benchmarks.common import (add_step_args, median_ratio, parse_step_args, report, step_rows, synthetic_split,
-                               time_steps)
+from benchmarks.common import (add_step_args, median_ratio, parse_step_args, parse_variant, report, step_rows,
+                               synthetic_split, time_steps)
 from flaxresnet import data
 from flaxresnet.preprocess import CAFFE_MEAN_BGR
 
@@ -54,12 +54,7 @@ class Variant:
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
-        parts = spec.split(":")
-        if len(parts) != 3 or parts[0] not in IMPLS or parts[1] not in ("eager", "compile") or parts[2] not in (
-                "float32", "bfloat16"):
-            raise argparse.ArgumentTypeError(f"variant {spec!r} is not IMPL:EXEC:DTYPE with IMPL in "
-                                             f"{'/'.join(IMPLS)}, EXEC eager/compile, DTYPE float32/bfloat16")
-        return cls(*parts)
+        return cls(*parse_variant(spec, IMPLS, "exec", ("eager", "compile")))
 
     def __str__(self) -> str:
         return f"{self.impl}:{self.exec}:{self.dtype}"

@@ -33,8 +33,8 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import jax  # noqa: E402
 
 from benchmarks import original  # noqa: E402
-from benchmarks.common import (add_step_args, median_ratio, parse_step_args, random_resnet50, report,  # noqa: E402
-                               step_rows, synthetic_split, time_steps)
+from benchmarks.common import (add_step_args, median_ratio, parse_step_args, parse_variant,  # noqa: E402
+                               random_resnet50, report, step_rows, synthetic_split, time_steps)
 from flaxresnet import data, train_lib  # noqa: E402
 from flaxresnet.config import Config  # noqa: E402
 from flaxresnet.models import ResNet  # noqa: E402
@@ -55,12 +55,7 @@ class Variant:
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
-        parts = spec.split(":")
-        if len(parts) != 3 or parts[0] not in IMPLS or parts[1] not in ("convs", "none") or parts[2] not in (
-                "float32", "bfloat16"):
-            raise argparse.ArgumentTypeError(f"variant {spec!r} is not IMPL:FREEZE:DTYPE with IMPL in "
-                                             f"{'/'.join(IMPLS)}, FREEZE convs/none, DTYPE float32/bfloat16")
-        return cls(*parts)
+        return cls(*parse_variant(spec, IMPLS, "freeze", ("convs", "none")))
 
     def __str__(self) -> str:
         return f"{self.impl}:{self.freeze}:{self.dtype}"
