@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from benchmarks.common import random_resnet50, report
 from flaxresnet import checkpoints, train_lib

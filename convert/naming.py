@@ -161,7 +161,7 @@ def keras_weights(variables: dict[str, Any]) -> list[tuple[str, list[tuple[str, 
     Layers come in keras.applications `model.layers` order, the order by which Keras' legacy `.h5` loader
     matches a file's layers to a model's. UserError if the variables are not exactly a ResNet's layers.
     """
-    params, stats = variables["params"], variables.get("batch_stats", {})
+    params = variables["params"]
     counts = Counter({"Conv2D": sum(name.endswith("_conv") for name in params),
                       "Dense": int("predictions" in params)})
     order = [name for _, name in keras_layer_order(counts)]

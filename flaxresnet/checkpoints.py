@@ -15,7 +15,6 @@ training goes on. Every process of a run calls every method, in the same order (
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
