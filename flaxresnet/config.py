@@ -137,6 +137,16 @@ class Config:
                 "backbone --augment none), compute its pooled features of every image once and train and evaluate "
                 "the head alone on them (the log says whether it applies, and why not); off: run the backbone "
                 "every step", choices=FEATURE_CACHE, resumable=True)
+    input_pipeline: str = option(
+        "auto", "memory: decode the whole dataset into RAM before the first step; stream: decode each batch's "
+                "images when it is needed, in --data-workers processes reading a few batches ahead (memory does not "
+                "grow with the dataset; each process decodes only its rows); auto: memory when the decoded images "
+                f"fit {data.MEMORY_BUDGET_FRACTION:.0%} of this machine's memory, else stream (the log says which). "
+                "Same batches, same numbers either way", choices=data.INPUT_PIPELINES, resumable=True)
+    data_workers: int | None = option(
+        None, "processes decoding the streamed batches; 0 decodes them in the training process (default: one per "
+              "CPU core but one; with several training processes on one machine, give each its share)",
+        check=_non_negative_or_none, metavar="N", local=True)
     eval_every: int = option(1, "evaluate on the validation split every N epochs and after the last",
                              check=_positive, metavar="N", resumable=True)
     workdir: str | None = option(

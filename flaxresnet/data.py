@@ -1,6 +1,6 @@
-"""Training data: sources -> in-memory uint8 splits -> seeded host batches -> sharded device batches.
+"""Training data: sources -> splits (decoded into memory, or streamed) -> seeded host batches -> device batches.
 
-Sources (`load_dataset` specs):
+Sources (`open_dataset` specs):
 - `cifar100` (= `tfds:cifar100:label`) and `tfds:NAME[:LABEL_KEY]`: a tfds dataset prepared in the ArrayRecord
   format, read with random access (no TensorFlow at training time, never a download). Validation is the
   'test' split, else 'validation', else a seeded, stratified 20% of 'train'.
@@ -9,26 +9,36 @@ Sources (`load_dataset` specs):
 - `digits`: scikit-learn's 8x8 digits (optional extra `flaxresnet[digits]`) as RGB 0-255, seeded 80/20 split.
 
 Every example of a dataset has one image size: the source's own when it has one (CIFAR 32x32, digits 8x8; the
-model upsamples on device), else `image_size`. Images stay uint8 on the host; batches are dicts
-{'image': (B, H, W, 3) uint8, 'label': (B,) int32} plus 'mask' (B,) bool for evaluation. A `FeatureSplit` (the
-backbone features of a split's images, `feature_cache`) is batched the same way, under 'features'.
+model upsamples on device), else `image_size`. Each source decodes example i the same way wherever it runs
+(`Source.read`), and a split holds its examples one of two ways, the input pipeline (`INPUT_PIPELINES`):
+- `memory`: a `Split`, every image decoded into RAM as uint8 before the first step (`Dataset.in_memory`);
+- `stream`: a `StreamSplit`, which decodes the examples of each batch when it is needed, in worker processes
+  that read a few batches ahead (`stream.py`, on grain): memory does not grow with the dataset, and each process
+  of a multi-process run decodes only its rows of every batch.
+Batches are the same arrays either way: dicts {'image': (B, H, W, 3) uint8, 'label': (B,) int32} plus 'mask'
+(B,) bool for evaluation, in the order of the (seed, epoch) permutation. A `FeatureSplit` (the backbone
+features of a split's images, `feature_cache`) is batched the same way, under 'features'.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
+import math
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import jax
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from flaxresnet import stream
 from flaxresnet.errors import UserError
 
 Batch = dict[str, np.ndarray]
@@ -37,12 +47,31 @@ VALIDATION_FRACTION = 0.2
 DEFAULT_FOLDER_IMAGE_SIZE = 64
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 SPEC_FORMS = "cifar100, tfds:NAME[:LABEL_KEY], folder:PATH or digits"
+INPUT_PIPELINES = ("auto", "memory", "stream")
+# `auto` decodes a dataset into memory when its decoded uint8 images (train + validation) take at most this
+# fraction of the machine's physical memory, and streams it otherwise (`choose_pipeline`).
+MEMORY_BUDGET_FRACTION = 0.25
 _VERSION = re.compile(r"\d+\.\d+\.\d+")
+
+
+class Source(Protocol):
+    """Random access to a dataset's examples, decoded: what a `StreamSplit` reads from, in this process or in a
+    worker process (so it must pickle, and hold no open files a copy could not reopen)."""
+
+    image_shape: tuple[int, int, int]
+
+    def __len__(self) -> int: ...
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        """Example `index`: its image, uint8 `image_shape`, and its label."""
+
+    def all_labels(self) -> np.ndarray:
+        """Every example's label, int32, without decoding the images where the source can."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Examples held in memory: `images` uint8 (N, H, W, 3), `labels` int32 (N,)."""
+    """Examples held in memory: `images` uint8 (N, H, W, 3), `labels` int32 (N,). Also a `Source`."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -57,9 +86,36 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.images.shape[1:]
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        return self.images[index], int(self.labels[index])
+
+    def all_labels(self) -> np.ndarray:
+        return self.labels
+
     def columns(self) -> dict[str, np.ndarray]:
         """The per-example arrays under their batch keys."""
         return {"image": self.images, "label": self.labels}
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSplit:
+    """Examples decoded when they are batched: example i is `source.read(indices[i])`, decoded by `workers`
+    processes (`stream.batches`; 0: in this process)."""
+
+    source: Source
+    indices: np.ndarray
+    workers: int = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.source.image_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,25 +141,90 @@ class FeatureSplit:
         return {"features": self.features, "label": self.labels}
 
 
-# What the batching functions take: images, or their cached features.
-Examples = Split | FeatureSplit
+# What the batching functions take: images in memory or streamed, or their cached features.
+Examples = Split | StreamSplit | FeatureSplit
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """A train and a validation split with the names of the classes (label i is `class_names[i]`)."""
 
-    train: Split
-    validation: Split
+    train: Split | StreamSplit
+    validation: Split | StreamSplit
     class_names: list[str]
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes of every image of both splits decoded as uint8, what the `memory` pipeline holds."""
+        return (len(self.train) + len(self.validation)) * math.prod(self.train.image_shape)
+
+    def in_memory(self) -> Dataset:
+        """Both splits decoded into memory (`Split`s); shows a progress bar on a terminal."""
+        return dataclasses.replace(self, train=decode(self.train, "decoding the training images"),
+                                   validation=decode(self.validation, "decoding the validation images"))
+
+    def streamed(self, workers: int) -> Dataset:
+        """Both splits streamed (`StreamSplit`s), decoded by `workers` processes (0: in this one)."""
+        return dataclasses.replace(self, train=_streamed(self.train, workers),
+                                   validation=_streamed(self.validation, workers))
+
+
+def _streamed(split: Split | StreamSplit, workers: int) -> StreamSplit:
+    if isinstance(split, Split):
+        return StreamSplit(split, np.arange(len(split)), workers)
+    return dataclasses.replace(split, workers=workers)
+
+
+def decode(split: Split | StreamSplit, description: str) -> Split:
+    """Every example of `split` decoded into memory, in order, by a thread pool (pillow's decoding and resizing
+    release the GIL). CIFAR-100's 60,000 examples take 20-35 s on one CPU core (300-450 us each: the record read,
+    tfds' parsing and the PNG decoding, about a third each)."""
+    if isinstance(split, Split):
+        return split
+    images = np.empty((len(split), *split.image_shape), np.uint8)
+    labels = np.empty(len(split), np.int32)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        examples = pool.map(split.source.read, split.indices.tolist())
+        for i, (image, label) in enumerate(tqdm(examples, description, total=len(split), unit="img",
+                                                leave=False, disable=None)):
+            images[i], labels[i] = image, label
+    return Split(images, labels)
+
+
+def physical_memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_pipeline(choice: str, dataset: Dataset) -> tuple[str, str]:
+    """The input pipeline `choice` (one of INPUT_PIPELINES) means for `dataset`: 'memory' or 'stream', and why
+    in words. `auto` is 'memory' when the decoded dataset fits MEMORY_BUDGET_FRACTION of physical memory."""
+    size = f"{_megabytes(dataset.nbytes)} decoded"
+    if choice != "auto":
+        return choice, f"as chosen; the dataset is {size}"
+    budget = MEMORY_BUDGET_FRACTION * physical_memory()
+    fits = dataset.nbytes <= budget
+    return ("memory" if fits else "stream"), (
+        f"auto: the dataset is {size}, {'within' if fits else 'over'} the memory budget of {_megabytes(budget)}, "
+        f"{MEMORY_BUDGET_FRACTION:.0%} of this machine's memory")
+
+
+def _megabytes(size: float) -> str:
+    return f"{size / 1e6:,.1f} MB" if size < 1e9 else f"{size / 1e9:,.1f} GB"
+
 
 def load_dataset(spec: str, data_dir: str | None = None, seed: int = 0, image_size: int | None = None) -> Dataset:
-    """Load the dataset named by `spec` into memory; see the module docstring for the specs.
+    """`open_dataset` decoded into memory (`Dataset.in_memory`)."""
+    return open_dataset(spec, data_dir, seed, image_size).in_memory()
+
+
+def open_dataset(spec: str, data_dir: str | None = None, seed: int = 0, image_size: int | None = None) -> Dataset:
+    """The dataset named by `spec` (see the module docstring), its splits streamed in this process
+    (`StreamSplit`, workers 0): opened and checked, nothing decoded yet.
 
     `data_dir` is the tfds data folder (default: $TFDS_DATA_DIR or ~/tensorflow_datasets), `seed` fixes any
     split-off validation part, and `image_size` is the side images are resized to where the source has no
@@ -111,22 +232,49 @@ def load_dataset(spec: str, data_dir: str | None = None, seed: int = 0, image_si
     otherwise. Raises UserError for an unknown spec or a source that cannot be read.
     """
     if spec == "cifar100":
-        return _load_tfds("cifar100", "label", data_dir, seed, image_size)
+        return _open_tfds("cifar100", "label", data_dir, seed, image_size)
     if spec == "digits":
-        return _load_digits(seed)
+        return _open_digits(seed)
     kind, _, rest = spec.partition(":")
     if kind == "tfds" and rest:
         name, _, label_key = rest.rpartition(":")
         if not name or _VERSION.fullmatch(label_key):  # no label key, or the tail is a version: NAME:1.2.3
             name, label_key = rest, "label"
-        return _load_tfds(name, label_key, data_dir, seed, image_size)
+        return _open_tfds(name, label_key, data_dir, seed, image_size)
     if kind == "folder" and rest:
-        return _load_folder(Path(rest), seed, image_size or DEFAULT_FOLDER_IMAGE_SIZE)
+        return _open_folder(Path(rest), seed, image_size or DEFAULT_FOLDER_IMAGE_SIZE)
     raise UserError(f"unknown dataset {spec!r}: use one of {SPEC_FORMS}")
 
 
-def _load_tfds(name: str, label_key: str, data_dir: str | None, seed: int, image_size: int | None) -> Dataset:
-    """Read a prepared tfds dataset through its random-access data source; never downloads."""
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+    """A split of a prepared tfds dataset (`Source`): its random-access data source, and the same with the images
+    left encoded, for the labels alone. Images of another shape than `image_shape` are resized to it."""
+
+    examples: Sequence[dict[str, Any]]
+    undecoded: Sequence[dict[str, Any]]
+    image_key: str
+    label_key: str
+    image_shape: tuple[int, int, int]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        example = self.examples[index]
+        image = example[self.image_key]
+        if image.shape != self.image_shape:
+            image = fit_image(Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image),
+                              self.image_shape[:2])
+        return image, int(example[self.label_key])
+
+    def all_labels(self) -> np.ndarray:
+        # Item by item: tfds.testing.mock_data breaks __getitems__.
+        return np.array([self.undecoded[i][self.label_key] for i in range(len(self.undecoded))], np.int32)
+
+
+def _open_tfds(name: str, label_key: str, data_dir: str | None, seed: int, image_size: int | None) -> Dataset:
+    """Open a prepared tfds dataset through its random-access data source; never downloads."""
     try:  # imported here, so that every other source works without tensorflow-datasets installed
         import tensorflow_datasets as tfds
     except ModuleNotFoundError as e:
@@ -168,22 +316,24 @@ def _load_tfds(name: str, label_key: str, data_dir: str | None, seed: int, image
     if "train" not in info.splits:
         raise UserError(f"tfds dataset {name!r} has no 'train' split (it has {sorted(info.splits)})")
 
-    def read(split: str) -> Split:
-        source = builder.as_data_source(split=split)
-        return _read_source(source, image_key, label_key, (height, width), f"reading {name} {split}")
+    def source(split: str) -> TfdsSource:
+        undecoded = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+        return TfdsSource(builder.as_data_source(split=split), undecoded, image_key, label_key, (height, width, 3))
 
-    train = read("train")
     validation_split = next((s for s in ("test", "validation") if s in info.splits), None)
     if validation_split is None:
-        train, validation = _split_off(train, seed, f"the 'train' split of tfds dataset {name!r}")
+        sources = [source("train")]
+        splits = _split_off(sources[0], seed, f"the 'train' split of tfds dataset {name!r}")
     else:
-        validation = read(validation_split)
+        sources = [source("train"), source(validation_split)]
+        splits = tuple(StreamSplit(s, np.arange(len(s))) for s in sources)
     label_feature = features[label_key]
     if isinstance(label_feature, tfds.features.ClassLabel):
         class_names = list(label_feature.names)
     else:
-        class_names = [str(i) for i in range(int(max(train.labels.max(), validation.labels.max())) + 1)]
-    return Dataset(train, validation, class_names)
+        labels = np.concatenate([s.all_labels() for s in sources])
+        class_names = [str(i) for i in range(int(labels.max()) + 1)]
+    return Dataset(*splits, class_names)
 
 
 def _image_feature(name: str, features: Any) -> str:
@@ -199,27 +349,6 @@ def _image_feature(name: str, features: Any) -> str:
     return keys[0]
 
 
-def _read_source(source: Sequence[dict[str, Any]], image_key: str, label_key: str, size: tuple[int, int],
-                 description: str) -> Split:
-    """Decode every example of a tfds data source, in index order, into uint8 RGB images of `size`.
-
-    Shows a progress bar on a terminal: CIFAR-100's 60,000 examples take 20-35 s on one CPU core (300-450 us
-    each: the record read, tfds' parsing and the PNG decoding, about a third each).
-    """
-    images = np.empty((len(source), *size, 3), np.uint8)
-    labels = np.empty(len(source), np.int32)
-    # Item by item: tfds.testing.mock_data breaks __getitems__ (and batched reads gained only ~25%).
-    for i in tqdm(range(len(source)), description, unit="img", leave=False, disable=None):
-        example = source[i]
-        image = example[image_key]
-        if image.shape == (*size, 3):
-            images[i] = image
-        else:
-            images[i] = fit_image(Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image), size)
-        labels[i] = example[label_key]
-    return Split(images, labels)
-
-
 def fit_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """`image` as RGB, resized (bilinear, aspect ratio not kept) to `size` = (height, width)."""
     image = image.convert("RGB")
@@ -228,8 +357,35 @@ def fit_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image)
 
 
-def _load_folder(root: Path, seed: int, image_size: int) -> Dataset:
-    """Decode an image folder with one sub-folder per class; validation = a seeded stratified part."""
+@dataclasses.dataclass(frozen=True)
+class FileSource:
+    """Image files with their labels (`Source`), each decoded and resized to `image_size` when read."""
+
+    files: list[str]
+    labels: np.ndarray
+    image_size: int
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.image_size, self.image_size, 3
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                return fit_image(image, (self.image_size, self.image_size)), int(self.labels[index])
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise UserError(f"cannot read image {path} ({e}): fix or remove the file") from e
+
+    def all_labels(self) -> np.ndarray:
+        return self.labels
+
+
+def _open_folder(root: Path, seed: int, image_size: int) -> Dataset:
+    """An image folder with one sub-folder per class; validation = a seeded stratified part."""
     if not root.is_dir():
         raise UserError(f"image folder {root} not found: give folder:PATH with one sub-folder of images per class")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -243,26 +399,13 @@ def _load_folder(root: Path, seed: int, image_size: int) -> Dataset:
         if not class_files:
             raise UserError(f"class folder {class_dir} has no images ({' '.join(IMAGE_EXTENSIONS)}): add "
                             f"some or remove the folder")
-        files += class_files
+        files += map(str, class_files)
         labels += [label] * len(class_files)
-    images = np.empty((len(files), image_size, image_size, 3), np.uint8)
-    with ThreadPoolExecutor() as pool:  # pillow releases the GIL while decoding and resizing
-        for i, image in enumerate(pool.map(lambda f: _read_image(f, image_size), files)):
-            images[i] = image
-    train, validation = _split_off(Split(images, np.asarray(labels, np.int32)), seed, f"image folder {root}")
-    return Dataset(train, validation, [d.name for d in class_dirs])
+    source = FileSource(files, np.asarray(labels, np.int32), image_size)
+    return Dataset(*_split_off(source, seed, f"image folder {root}"), [d.name for d in class_dirs])
 
 
-def _read_image(path: Path, image_size: int) -> np.ndarray:
-    """One image file as uint8 RGB (image_size, image_size, 3); UserError naming the file if unreadable."""
-    try:
-        with Image.open(path) as image:
-            return fit_image(image, (image_size, image_size))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path} ({e}): fix or remove the file") from e
-
-
-def _load_digits(seed: int) -> Dataset:
+def _open_digits(seed: int) -> Dataset:
     """scikit-learn's 1797 8x8 digits, scaled 0..16 -> 0..255 and repeated to RGB."""
     try:
         from sklearn.datasets import load_digits
@@ -270,27 +413,26 @@ def _load_digits(seed: int) -> Dataset:
         raise UserError("the digits dataset needs scikit-learn: pip install 'flaxresnet[digits]'") from e
     digits = load_digits()
     gray = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    split = Split(np.repeat(gray[..., None], 3, axis=-1), digits.target.astype(np.int32))
-    train, validation = _split_off(split, seed, "the digits dataset")
-    return Dataset(train, validation, [str(d) for d in range(10)])
+    source = Split(np.repeat(gray[..., None], 3, axis=-1), digits.target.astype(np.int32))
+    return Dataset(*_split_off(source, seed, "the digits dataset"), [str(d) for d in range(10)])
 
 
-def _split_off(split: Split, seed: int, what: str) -> tuple[Split, Split]:
-    """Split `split` into (train, validation), validation = a seeded VALIDATION_FRACTION of each class.
+def _split_off(source: Source, seed: int, what: str) -> tuple[StreamSplit, StreamSplit]:
+    """Split `source` into (train, validation), validation = a seeded VALIDATION_FRACTION of each class.
 
     Each class gives round-half-up(fraction * its size) examples, so every class keeps at least one training
     example; both parts keep the original order.
     """
+    labels = source.all_labels()
     rng = np.random.default_rng(seed)
-    is_validation = np.zeros(len(split), bool)
-    for label in np.unique(split.labels):
-        members = rng.permutation(np.flatnonzero(split.labels == label))
+    is_validation = np.zeros(len(labels), bool)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
         is_validation[members[:int(VALIDATION_FRACTION * len(members) + 0.5)]] = True
     if not is_validation.any():
         raise UserError(f"{what} has too few examples to split off a validation part ({VALIDATION_FRACTION:.0%} "
                         f"of each class): give a class at least 3 examples")
-    return (Split(split.images[~is_validation], split.labels[~is_validation]),
-            Split(split.images[is_validation], split.labels[is_validation]))
+    return StreamSplit(source, np.flatnonzero(~is_validation)), StreamSplit(source, np.flatnonzero(is_validation))
 
 
 def num_train_steps(split: Examples, batch_size: int) -> int:
@@ -305,11 +447,9 @@ def train_batches(split: Examples, batch_size: int, seed: int, epoch: int, start
                   rows: slice = slice(None)) -> Iterator[Batch]:
     """The global batches of one training epoch from batch `start` on, shuffled by (seed, epoch) alone, the last
     partial batch dropped; of each only `rows` (a process's share, `distributed.process_rows`)."""
+    steps = num_train_steps(split, batch_size)
     order = np.random.default_rng((seed, epoch)).permutation(len(split))
-    columns = split.columns()
-    for step in range(start, num_train_steps(split, batch_size)):
-        indices = order[step * batch_size:(step + 1) * batch_size][rows]
-        yield {key: column[indices] for key, column in columns.items()}
+    return _batches(split, order[:steps * batch_size].reshape(steps, batch_size)[start:, rows])
 
 
 def eval_batches(split: Examples, batch_size: int, rows: slice = slice(None)) -> Iterator[Batch]:
@@ -317,18 +457,32 @@ def eval_batches(split: Examples, batch_size: int, rows: slice = slice(None)) ->
     the real examples; of each only `rows` (a process's share)."""
     if batch_size < 1:
         raise UserError(f"batch size {batch_size} must be at least 1", option="batch_size")
-    columns = split.columns()
-    for start in range(0, len(split), batch_size):
-        indices = np.arange(start, start + batch_size)[rows]
-        mask = indices < len(split)
-        indices = np.where(mask, indices, 0)
-        batch = {key: column[indices] for key, column in columns.items()}  # copies: zeroing the padding is safe
+    count = math.ceil(len(split) / batch_size)
+    positions = np.arange(count * batch_size).reshape(count, batch_size)[:, rows]
+    positions[positions >= len(split)] = -1
+    with contextlib.closing(_batches(split, positions)) as batches:
+        for batch, batch_positions in zip(batches, positions):
+            yield {**batch, "mask": batch_positions >= 0}
+
+
+def _batches(split: Examples, positions: np.ndarray) -> Iterator[Batch]:
+    """One batch for each row of `positions` (example numbers in `split`; -1: padding, all zeros)."""
+    if isinstance(split, StreamSplit):
+        indices = np.where(positions >= 0, split.indices[np.maximum(positions, 0)], -1)
+        return stream.batches(split.source, indices, split.workers)
+    return _memory_batches(split.columns(), positions)
+
+
+def _memory_batches(columns: dict[str, np.ndarray], positions: np.ndarray) -> Iterator[Batch]:
+    for batch_positions in positions:
+        batch = {key: column[np.maximum(batch_positions, 0)] for key, column in columns.items()}  # copies
         for column in batch.values():
-            column[~mask] = 0
-        yield {**batch, "mask": mask}
+            column[batch_positions < 0] = 0
+        yield batch
 
 
 def shard(batch: Batch, num_devices: int) -> Batch:
+
     """Reshape each array from (B, ...) to (num_devices, B // num_devices, ...); UserError if B does not divide."""
     size = len(next(iter(batch.values())))
     if size % num_devices:
@@ -343,6 +497,7 @@ def prefetch_to_device(batches: Iterable[Batch], size: int = 2,
 
     Each array is put with a sharding over its leading (device) axis that `jax.pmap` uses as is: no copy or
     reshard when the step runs. Transfers are asynchronous, so the next batches move while a step computes.
+    Closing the returned iterator closes `batches`.
     """
     devices = list(devices or jax.local_devices())
     mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
@@ -352,7 +507,11 @@ def prefetch_to_device(batches: Iterable[Batch], size: int = 2,
     def put(n: int) -> list[dict[str, jax.Array]]:
         return [jax.device_put(shard(b, len(devices)), sharding) for b in itertools.islice(batches, n)]
 
-    queue = collections.deque(put(size))
-    while queue:
-        yield queue.popleft()
-        queue.extend(put(1))
+    try:
+        queue = collections.deque(put(size))
+        while queue:
+            yield queue.popleft()
+            queue.extend(put(1))
+    finally:  # a streamed split's worker processes end with its batches, also when the loop stops early
+        if hasattr(batches, "close"):
+            batches.close()

@@ -21,6 +21,11 @@ class UserError(Exception):
         super().__init__(message)
         self.option = option
 
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        """Pickles with its option (an exception pickles its args alone), so that one raised in a worker process
+        (`stream`) arrives whole."""
+        return type(self), (str(self), self.option)
+
 
 def flag(name: str) -> str:
     """The command-line flag of an option: 'batch_size' -> '--batch-size'."""

@@ -24,7 +24,9 @@ from the step rounds its last bits differently), and checkpoints continue either
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -49,8 +51,8 @@ def why_not(state: train_lib.TrainState) -> str | None:
     return None
 
 
-def compute(model: Classifier, backbone: train_lib.Variables, split: data.Split, batch_size: int,
-            name: str) -> data.FeatureSplit:
+def compute(model: Classifier, backbone: train_lib.Variables, split: data.Split | data.StreamSplit,
+            batch_size: int, name: str) -> data.FeatureSplit:
     """`split`'s pooled backbone features (`train_lib.pooled_features`), every example's, on every process.
 
     `backbone`: the replicated backbone variables (`train_lib.split_backbone`). Each process computes its rows of
@@ -60,6 +62,7 @@ def compute(model: Classifier, backbone: train_lib.Variables, split: data.Split,
     rows = distributed.process_rows(batch_size)
     batches = math.ceil(len(split) / batch_size)
     local = np.empty((batches, rows.stop - rows.start, Classifier.FEATURES), param_dtype(model.dtype))
+    labels = np.empty(local.shape[:2], np.int32)  # taken from the batches: a streamed split reads them there
     pending: list[tuple[int, jax.Array]] = []  # (batch index, its features on the devices)
     with tqdm(total=len(split), desc=f"feature cache: {name}", unit="img", leave=False,
               disable=None if distributed.is_main() else True) as bar:
@@ -68,11 +71,18 @@ def compute(model: Classifier, backbone: train_lib.Variables, split: data.Split,
             local[index] = np.asarray(features).reshape(local.shape[1:])
             bar.update(min(batch_size, len(split) - index * batch_size))
 
-        images = ({"image": batch["image"]} for batch in data.eval_batches(split, batch_size, rows))
-        for index, batch in enumerate(data.prefetch_to_device(images)):
-            pending.append((index, train_lib.p_pooled_features(model, backbone, batch["image"])))
-            if len(pending) > 1:
-                fetch(*pending.pop(0))
+        def images() -> Iterator[data.Batch]:
+            with contextlib.closing(data.eval_batches(split, batch_size, rows)) as host_batches:
+                for index, batch in enumerate(host_batches):
+                    labels[index] = batch["label"]
+                    yield {"image": batch["image"]}
+
+        with contextlib.closing(data.prefetch_to_device(images())) as device_batches:
+            for index, batch in enumerate(device_batches):
+                pending.append((index, train_lib.p_pooled_features(model, backbone, batch["image"])))
+                if len(pending) > 1:
+                    fetch(*pending.pop(0))
         for item in pending:
             fetch(*item)
-    return data.FeatureSplit(distributed.gather_rows(local)[:len(split)], split.labels)
+    return data.FeatureSplit(distributed.gather_rows(local)[:len(split)],
+                             distributed.gather_rows(labels)[:len(split)])

@@ -54,7 +54,7 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 from tqdm import tqdm
 
 from flaxresnet import (checkpoints, compile_cache, data, distributed, feature_cache, freeze, optim, preemption,
-                        tensorboard, train_lib, weights_file)
+                        stream, tensorboard, train_lib, weights_file)
 from flaxresnet.config import Config
 from flaxresnet.errors import UserError, flag
 from flaxresnet.models import Classifier, ResNet
@@ -127,9 +127,9 @@ def _run(config: Config, workdir: Path, backbone: tuple[ResNet, dict[str, Any]] 
     if resume is not None:
         check_resumable(resume, config)
 
-    ds = data.load_dataset(config.dataset, config.data_dir, config.seed, config.image_size)
+    ds = data.open_dataset(config.dataset, config.data_dir, config.seed, config.image_size)
     config = dataclasses.replace(config, num_classes=ds.num_classes)
-    image_shape = ds.train.images.shape[1:]
+    image_shape = ds.train.image_shape
     check_image_size(config, image_shape)
     steps_per_epoch = data.num_train_steps(ds.train, config.batch_size)
     processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
@@ -137,6 +137,7 @@ def _run(config: Config, workdir: Path, backbone: tuple[ResNet, dict[str, Any]] 
         f"{image_shape[0]}x{image_shape[1]} px (model input {config.image_size or image_shape[0]} px), "
         f"{ds.num_classes} classes; {steps_per_epoch} steps of {config.batch_size} an epoch on "
         f"{jax.device_count()} {jax.devices()[0].platform.upper()} device(s){processes}")
+    ds = input_pipeline(config, ds)
 
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
 
@@ -225,6 +226,20 @@ def epoch_inputs(config: Config, state: train_lib.TrainState, ds: data.Dataset) 
     return head, train, validation, functools.partial(train_lib.join_backbone, backbone=backbone)
 
 
+def input_pipeline(config: Config, ds: data.Dataset) -> data.Dataset:
+    """`ds` decoded into memory or streamed, as `config.input_pipeline` says (`data.choose_pipeline`); says which
+    in one line."""
+    pipeline, why = data.choose_pipeline(config.input_pipeline, ds)
+    if pipeline == "memory":
+        say(f"input pipeline: memory, every image decoded before the first step ({why})")
+        return ds.in_memory()
+    workers = stream.default_workers() if config.data_workers is None else config.data_workers
+    decoders = "the training process" if not workers else f"{workers} worker process(es)" + (
+        " of each training process" if jax.process_count() > 1 else "")
+    say(f"input pipeline: stream, each batch decoded when needed by {decoders} ({why})")
+    return ds.streamed(workers)
+
+
 def describe_position(checkpoint: checkpoints.Checkpoint, steps_per_epoch: int) -> str:
     """'after epoch E (step N)' or 'at step N (epoch E, batch B of S)'; UserError if the checkpoint's step
     does not fall where its metrics say (the dataset changed size, e.g. another --data-dir)."""
@@ -288,8 +303,9 @@ def train_epoch(state: train_lib.TrainState, split: data.Examples, config: Confi
     pending: list[train_lib.Metrics] = []
     fetched: list[StepMetrics] = list(done)
     begin = time.perf_counter()
-    with tqdm(total=steps * config.batch_size, initial=len(done) * config.batch_size, desc=f"epoch {epoch}/"
-              f"{config.epochs}", unit="img", leave=False, disable=None if distributed.is_main() else True) as bar:
+    with contextlib.closing(batches), tqdm(
+            total=steps * config.batch_size, initial=len(done) * config.batch_size, desc=f"epoch {epoch}/"
+            f"{config.epochs}", unit="img", leave=False, disable=None if distributed.is_main() else True) as bar:
 
         def fetch(count: int) -> None:
             for metrics in jax.device_get(pending[:count]):
@@ -351,11 +367,12 @@ def evaluate(model: Classifier, variables: dict[str, Any], split: data.Examples,
         raise UserError("the split to evaluate on has no examples")
     step = train_lib.p_head_eval_step if isinstance(split, data.FeatureSplit) else train_lib.p_eval_step
     sums, predictions = [], []
-    for batch in data.prefetch_to_device(data.eval_batches(split, batch_size,
-                                                           distributed.process_rows(batch_size))):
-        batch_sums, batch_predictions = step(model, variables, batch)
-        sums.append(jax.tree.map(lambda x: x[0], batch_sums))  # psum: every device holds the global sums
-        predictions.append(batch_predictions.reshape(-1))
+    batches = data.prefetch_to_device(data.eval_batches(split, batch_size, distributed.process_rows(batch_size)))
+    with contextlib.closing(batches):
+        for batch in batches:
+            batch_sums, batch_predictions = step(model, variables, batch)
+            sums.append(jax.tree.map(lambda x: x[0], batch_sums))  # psum: every device holds the global sums
+            predictions.append(batch_predictions.reshape(-1))
     totals = {k: float(np.sum([np.asarray(s[k], np.float64) for s in sums])) for k in sums[0]}
     count = int(totals["count"])
     ours = distributed.gather_rows(np.stack(jax.device_get(predictions)))  # every process's, in order

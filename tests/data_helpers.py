@@ -1,4 +1,5 @@
-"""Test data builders: mock tfds datasets, small real ArrayRecord datasets and image folders, all offline.
+"""Test data builders: mock tfds datasets, small real ArrayRecord datasets (`benchmarks.datasets`, shared with the
+benchmarks) and image folders, all offline.
 
 `mock_tfds` is how a test gets mock CIFAR-100: plain `tfds.testing.mock_data()` finds no metadata files (the
 tfds wheel does not ship them), so it knows no split names and `is_prepared()` is False, which flaxresnet
@@ -8,13 +9,14 @@ rightly reports as an unprepared dataset. `mock_tfds` writes the metadata (split
 from __future__ import annotations
 
 import contextlib
-import io
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+
+from benchmarks.datasets import png_bytes, prepare_tfds_images  # noqa: F401 (the tests' too)
 
 
 @contextlib.contextmanager
@@ -39,50 +41,6 @@ def write_tfds_metadata(data_dir: Path, name: str, splits: dict[str, int],
         [tfds.core.SplitInfo(name=s, shard_lengths=[n], num_bytes=0) for s, n in splits.items()]))
     builder.data_path.mkdir(parents=True, exist_ok=True)
     builder.info.write_to_directory(builder.data_path)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """`image` (H, W[, C]) uint8 encoded as PNG."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def prepare_tfds_images(data_dir: Path, splits: dict[str, int], num_classes: int = 3,
-                        sizes: tuple[tuple[int, int], ...] = ((12, 12),), channels: int = 3,
-                        label_key: str = "label", class_label: bool = True, seed: int = 0) -> str:
-    """Prepare a real image classification dataset in tfds' ArrayRecord format (no TensorFlow needed).
-
-    Example i of a split has label i % num_classes and size sizes[i % len(sizes)]; its top-left pixel holds
-    its index (i % 256) so tests can check the read order. A single size is declared as the feature's fixed
-    shape, several as varying (None, None). Returns the dataset name to pass to `tfds.builder`.
-    """
-    fixed = len(sizes) == 1
-    shape = (*sizes[0], channels) if fixed else (None, None, channels)
-    label = tfds.features.ClassLabel(num_classes=num_classes) if class_label else tfds.features.Scalar(np.int64)
-
-    class TestImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """Random images; registered nowhere, so tfds reads it back from its files like any prepared one."""
-
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-                {"image": tfds.features.Image(shape=shape), label_key: label}))
-
-        def _split_generators(self, dl_manager):
-            return {name: self._generate_examples(n, k) for k, (name, n) in enumerate(splits.items())}
-
-        def _generate_examples(self, n, split_seed):
-            rng = np.random.default_rng((seed, split_seed))
-            for i in range(n):
-                image = rng.integers(0, 256, (*sizes[i % len(sizes)], channels), dtype=np.uint8)
-                image[0, 0] = i % 256
-                yield i, {"image": png_bytes(image.squeeze(-1) if channels == 1 else image),
-                          label_key: i % num_classes}
-
-    TestImages(data_dir=data_dir, file_format="array_record").download_and_prepare()
-    return "test_images"
 
 
 def write_image_folder(root: Path, counts: dict[str, int], seed: int = 0) -> Path:

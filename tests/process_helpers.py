@@ -59,9 +59,9 @@ class Run:
             if record_writes and i == 1:
                 program = ["-c", _RECORD_WRITES, str(self.writes_log(i)), str(workdir)]
             with open(self.logs / f"{i}.out", "w") as out, open(self.logs / f"{i}.err", "w") as err:
-                self.popen.append(subprocess.Popen(
+                self.popen.append(subprocess.Popen(  # each its own process group, as under a scheduler
                     [sys.executable, *program, *map(str, argv), "--workdir", str(workdir), *launch],
-                    cwd=ROOT, env=env, stdout=out, stderr=err))
+                    cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True))
 
     def writes_log(self, i: int) -> Path:
         return self.logs / f"{i}.writes"
@@ -97,6 +97,11 @@ class Run:
 
     def signal(self, signum: int, i: int = 0) -> None:
         self.popen[i].send_signal(signum)
+
+    def signal_group(self, signum: int, i: int = 0) -> None:
+        """`signum` to every process of process i's group: it and its data workers (a terminal's Ctrl-C, or a
+        scheduler's SIGTERM to a job's processes)."""
+        os.killpg(self.popen[i].pid, signum)
 
     def kill(self) -> None:
         for p in self.popen:

@@ -35,10 +35,17 @@ def test_help(script, capsys):
 
 
 def test_input_pipeline_writes_json(tmp_path):
+    """The in-memory and streamed sections on tiny generated data (the others start processes: by hand only)."""
     out = tmp_path / "pipeline.json"
-    input_pipeline.main(["--examples", "64", "--batch-sizes", "8", "--out", str(out)])
+    input_pipeline.main(["--sections", "memory", "stream", "--examples", "64", "--batch-sizes", "8", "--records",
+                         "60", "--jpegs", "40", "--batch-size", "4", "--batches", "2", "--jpeg-batches", "1",
+                         "--no-step", "--data", str(tmp_path / "data"), "--out", str(out)])
     result = json.loads(out.read_text())
-    assert [row["stage"] for row in result["rows"]] == ["host batches", "batches on devices"]
+    memory = [row for row in result["rows"] if row["section"] == "memory"]
+    assert [row["stage"] for row in memory] == ["host batches", "batches on devices"]
+    streamed = [row for row in result["rows"] if row["section"] == "stream"]
+    assert [(row["source"][:6], row["workers"]) for row in streamed] == [
+        (source, workers) for source in ("32 px ", "256 px") for workers in sorted({0, 1, result["default_workers"]})]
     assert all(row["img_per_s"] > 0 for row in result["rows"])
 
 

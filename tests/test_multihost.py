@@ -1,7 +1,8 @@
 """train.py as several processes (`jax.distributed` on 127.0.0.1, gloo collectives) and its stops: 2 processes x
 1 device equal 1 process x 2 devices bit for bit; SIGTERM (to the one process, or to one of two) saves a
 checkpoint at the same step everywhere and the resumed run equals the uninterrupted one; so does a resume from a
-periodic mid-epoch checkpoint after `kill -9`.
+periodic mid-epoch checkpoint after `kill -9`, and a streamed run (`--input-pipeline stream`) stopped by a SIGTERM
+to a whole process group, data workers included.
 
 Kept small on 2 CPU cores: digits (8x8 px, 44 steps of 32 an epoch), a random backbone with `--freeze backbone`
 (the head and its BatchNorm train, gradients and statistics averaged over all devices), 2 epochs, a checkpoint
@@ -122,6 +123,30 @@ def test_sigterm_mid_epoch_saves_and_resumes_to_the_same_numbers(tmp_path, argv,
         assert run.wait(TIMEOUT) == [0] * processes, run.err(0)[-3000:]
     assert f"resuming at step {step} (epoch 1, batch {step} of {STEPS}) from checkpoints/{step}" in run.out(0)
     assert_same_run(workdir, two_processes if processes == 2 else one_process)
+
+
+def test_streamed_processes_stop_on_sigterm_to_a_process_group_and_resume_to_the_same_numbers(tmp_path, argv,
+                                                                                                 two_processes):
+    """--input-pipeline stream, 1 data worker per process, each decoding its rows: SIGTERM to the whole process
+    group of process 1 (its worker too, as a scheduler does) stops both processes after the same step; resumed,
+    the run ends with the in-memory run's numbers of the same layout, bit for bit."""
+    workdir, streamed = tmp_path / "run", [*argv, "--input-pipeline", "stream", "--data-workers", "1"]
+    with running(streamed, workdir, 2, 2) as run:
+        run.wait_for_checkpoint(EVERY, TIMEOUT)
+        run.signal_group(signal.SIGTERM, 1)
+        statuses = run.wait(60)
+        lines = [run.err(i).strip().splitlines()[-1] for i in range(2)]
+    assert statuses == [143, 143], run.err(0)[-3000:]
+    stopped = [STOPPED.fullmatch(line) for line in lines]
+    assert all(stopped) and len(set(lines)) == 1, lines
+    assert "input pipeline: stream, each batch decoded when needed by 1 worker process(es) of each training " \
+           "process (as chosen" in run.out(0)
+    assert "Traceback" not in run.err(0) + run.err(1)
+    step = int(stopped[0].group(1))
+    with running(streamed, workdir, 2, 2) as run:
+        assert run.wait(TIMEOUT) == [0, 0], run.err(0)[-3000:]
+    assert f"resuming at step {step} (epoch 1, batch {step} of {STEPS})" in run.out(0)
+    assert_same_run(workdir, two_processes)
 
 
 def test_kill_9_resumes_from_a_periodic_checkpoint_to_the_same_numbers(tmp_path, argv, one_process):

@@ -79,6 +79,8 @@ def test_cifar100_extended_run_equals_uninterrupted_and_final_file_predicts(tmp_
         status, out, err = run(capsys, *cifar, "--epochs", 1, "--workdir", tmp_path / "split")
         assert status == 0, err
         assert "new run" in out and "epoch 1/1: train loss" in out
+        assert ("input pipeline: memory, every image decoded before the first step (auto: the dataset is 0.1 MB "
+                "decoded, within the memory budget of ") in out
         assert ("feature cache: off (augmentation (cutout,flip) changes the images every epoch; it needs --freeze "
                 "backbone --augment none)\n") in out
         one = rows(tmp_path / "split")
@@ -165,6 +167,33 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_to_the_same_numbers(tmp_path, backbo
     assert numbers(tmp_path / "stopped") == numbers(tmp_path / "full")
     assert rows(tmp_path / "full")[0]["val_loss"] is None  # --eval-every 2
     assert status == 2 and "cosine schedule decays to zero at epoch 3" in err and err.count("\n") == 1
+
+
+def test_streamed_run_stopped_mid_epoch_resumes_to_the_in_memory_numbers(tmp_path, backbone_file, capsys,
+                                                                          monkeypatch):
+    """--input-pipeline stream, batches decoded by 2 worker processes: Ctrl-C in epoch 2, resumed from its step
+    (no replay of the epoch's first batch), ends with the in-memory run's metrics and final.msgpack, bit for bit."""
+    tfds_dir = tmp_path / "tfds"
+    cifar = ("--backbone-weights", backbone_file, "--data-dir", tfds_dir, *TINY, "--epochs", 2)
+    streamed = ("--input-pipeline", "stream", "--data-workers", 2, "--workdir", tmp_path / "stream")
+    with mock_tfds(tfds_dir, num_examples=EXAMPLES):
+        status, out, err = run(capsys, *cifar, "--input-pipeline", "memory", "--workdir", tmp_path / "memory")
+        assert status == 0, err
+        assert ("input pipeline: memory, every image decoded before the first step (as chosen; the dataset is 0.1 MB "
+                "decoded)\n") in out
+        stop_at(monkeypatch, "p_train_step", 3)  # batch 1 of 2 in epoch 2
+        status, out, err = run(capsys, *cifar, *streamed)
+        assert status == 130 and err.startswith("interrupted at step 3 (epoch 2, batch 1 of 2): checkpoint saved")
+        assert ("input pipeline: stream, each batch decoded when needed by 2 worker process(es) (as chosen; the "
+                "dataset is 0.1 MB decoded)\n") in out
+        monkeypatch.undo()
+        status, out, err = run(capsys, *cifar, *streamed)
+        assert status == 0, err
+        assert "resuming at step 3 (epoch 2, batch 1 of 2)" in out
+    assert numbers(tmp_path / "stream") == numbers(tmp_path / "memory")
+    final, expected = (traverse_util.flatten_dict(load_converted(tmp_path / name / "final.msgpack")[1])
+                       for name in ("stream", "memory"))
+    assert final.keys() == expected.keys() and all(np.array_equal(final[k], expected[k]) for k in final)
 
 
 def test_feature_cache_equals_the_full_step_and_resumes_either_way(tmp_path, backbone_file, capsys, monkeypatch):
@@ -350,7 +379,7 @@ def keras_h5_file(tmp_path: Path) -> Path:
      "convert it first with `python -m convert keras_to_flax --weights {t}/resnet50_notop.h5`"),
     (lambda t: ["--backbone-weights", "none", "--data-dir", t], "tfds dataset 'cifar100' is not prepared in"),
     (lambda t: ["--backbone-weights", "none", "--dataset", f"folder:{t}"], "image folder {t} has no class"),
-    (lambda t: ["--backbone-weights", "none", "--dataset", f"folder:{bad_image_folder(t)}"],
+    (lambda t: ["--backbone-weights", "none", "--dataset", f"folder:{bad_image_folder(t)}", "--batch-size", "2"],
      "cannot read image {t}/images/b/broken.png"),
     (lambda t: ["--backbone-weights", "none", "--workdir", corrupt_checkpoint(t)],
      "checkpoint {t}/run/checkpoints/7 is corrupt or not a flaxresnet checkpoint (JSONDecodeError: "),
