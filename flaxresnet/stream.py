@@ -7,15 +7,17 @@ hands them over in shared memory and in their order, so the batches are those of
 (`data.py`). The rows of `indices` are what the caller asked for: a resumed epoch starts at its batch, and each
 process of a multi-process run passes only its rows of every batch (`distributed.process_rows`).
 
-Workers are started for each epoch's batches (and each evaluation's) and end with them. Once started (the first
-1-3 s of a worker are Python's start and imports) they ignore SIGINT and SIGTERM: a Ctrl-C in a terminal, or a
-scheduler's SIGTERM to every process of the job, is the training process's to handle (`preemption`), and it ends
-its workers when it stops; a worker whose training process has died ends itself. An exception in a worker (an unreadable image's UserError) is raised where the batch is taken.
+Workers are started for each epoch's batches (and each evaluation's) and end with them. They ignore SIGINT and
+SIGTERM from their start on (`_signals_blocked`): a Ctrl-C in a terminal, or a scheduler's SIGTERM to every
+process of the job, is the training process's to handle (`preemption`), and it ends its workers when it stops; a
+worker whose training process has died ends itself. An exception in a worker (an unreadable image's UserError) is raised where the batch is taken.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import multiprocessing.resource_tracker
 import multiprocessing.util
 import os
 import signal
@@ -67,19 +69,41 @@ def batches(source: Any, indices: np.ndarray, workers: int) -> Iterator[dict[str
 
     dataset = grain.MapDataset.source(_Batches(source, indices)).to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    guard = contextlib.nullcontext
     if workers and len(indices):
         from absl import flags
         if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads absl flags in mp_prefetch (google/grain#1355)
             flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=min(workers, len(indices)), per_worker_buffer_size=READ_AHEAD), worker_init_fn=_init_worker)
-    iterator = iter(dataset)
+        multiprocessing.resource_tracker.ensure_running()  # now: starting it unblocks signals (_signals_blocked)
+        guard = _signals_blocked
+    with guard():
+        iterator = iter(dataset)
     try:
-        for batch in iterator:  # copied out of grain's shared memory, which is then freed at once
-            yield {key: np.array(value) for key, value in batch.items()}
+        while True:
+            with guard():
+                batch = next(iterator, None)
+            if batch is None:
+                return
+            yield {key: np.array(value) for key, value in batch.items()}  # out of grain's shared memory at once
     finally:
         if hasattr(iterator, "close"):
             iterator.close()
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM blocked in this thread within the block, so that workers never die of them while they
+    start: grain starts its workers, and the threads that start them, when a batch is asked for; threads and
+    processes inherit the blocked signals, and a worker keeps them blocked until `_init_worker` ignores them.
+    Meanwhile they go to another thread, and Python runs their handlers in the main thread as always.
+    multiprocessing's resource tracker must be running before: starting it unblocks both in the thread doing so."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _kill_workers() -> None:
@@ -97,6 +121,7 @@ def _init_worker(index: int, count: int) -> None:
     """In each worker process: leave SIGINT and SIGTERM to the training process, and end with it."""
     for signum in _SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)  # those that came while it started are dropped
     parent = os.getppid()
 
     def end_with_parent() -> None:

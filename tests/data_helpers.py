@@ -1,5 +1,5 @@
 """Test data builders: mock tfds datasets, small real ArrayRecord datasets (`benchmarks.datasets`, shared with the
-benchmarks) and image folders, all offline.
+benchmarks; import it from there) and image folders, all offline.
 
 `mock_tfds` is how a test gets mock CIFAR-100: plain `tfds.testing.mock_data()` finds no metadata files (the
 tfds wheel does not ship them), so it knows no split names and `is_prepared()` is False, which flaxresnet
@@ -15,8 +15,6 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
-
-from benchmarks.datasets import png_bytes, prepare_tfds_images  # noqa: F401 (the tests' too)
 
 
 @contextlib.contextmanager

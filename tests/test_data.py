@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_helpers import mock_tfds, prepare_tfds_images, write_image_folder, write_tfds_metadata
+from benchmarks.datasets import prepare_tfds_images
+from data_helpers import mock_tfds, write_image_folder, write_tfds_metadata
 from flaxresnet import data
 from flaxresnet.errors import UserError
 

@@ -19,7 +19,8 @@ import time
 import numpy as np
 import pytest
 
-from data_helpers import mock_tfds, prepare_tfds_images, write_image_folder
+from benchmarks.datasets import prepare_tfds_images
+from data_helpers import mock_tfds, write_image_folder
 from flaxresnet import data, stream
 from flaxresnet.errors import UserError
 
@@ -130,25 +131,31 @@ def test_user_error_pickles_with_its_option():
 
 
 _ORPHAN = textwrap.dedent("""
-    import multiprocessing, time
+    import multiprocessing, threading, time
     import numpy as np
     from flaxresnet import data
+
+    def tell_workers():  # as soon as both exist, while they are still starting
+        while len(workers := multiprocessing.active_children()) < 2:
+            time.sleep(0.005)
+        print(" ".join(str(p.pid) for p in workers), flush=True)
+
     if __name__ == "__main__":
+        threading.Thread(target=tell_workers, daemon=True).start()
         split = data.StreamSplit(data.Split(np.zeros((64, 2, 2, 3), np.uint8), np.zeros(64, np.int32)),
                                  np.arange(64), workers=2)
         batches = data.train_batches(split, 1, seed=0, epoch=0)
-        next(batches)
-        next(batches)  # one from each worker: both started
-        print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
-        next(batches)
+        for _ in range(3):  # batches of both workers
+            next(batches)
         print("running", flush=True)
         time.sleep(600)
 """)
 
 
-def test_workers_ignore_signals_and_end_with_their_training_process(tmp_path):
-    """SIGINT and SIGTERM sent to started workers (a terminal's Ctrl-C and a scheduler's SIGTERM reach every
-    process of the job) leave them working; a kill -9 of the training process ends them."""
+def test_workers_ignore_signals_from_their_start_and_end_with_their_training_process(tmp_path):
+    """SIGINT and SIGTERM sent to the workers as soon as they exist, while Python is still starting in them (a
+    terminal's Ctrl-C and a scheduler's SIGTERM reach every process of the job), leave them working; a kill -9
+    of the training process ends them."""
     script = tmp_path / "orphan.py"
     script.write_text(_ORPHAN)
     process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
