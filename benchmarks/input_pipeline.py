@@ -10,9 +10,9 @@ Sections (--sections):
   JPEGs resized to 224 px when read; beside each, the img/s of the seed recipe's train step at that size
   (`benchmarks.train_step`'s flax:convs:float32; 32 px upsampled to 256), the rate the pipeline must keep up with.
 - first-step: seconds from `loop.train_and_evaluate` to the end of the first train step, for the CIFAR-sized
-  records (50,000 + 10,000) in `memory` and `stream` mode, each in a fresh process, after one untimed run that
-  fills the compilation cache (a random backbone, --freeze backbone, 32 px, batch 64: the data's part is what
-  differs).
+  records (50,000 + 10,000) in `memory` mode decoding in the training process (threads) and in the default
+  worker processes, and in `stream` mode, each in a fresh process, after one untimed run that fills the
+  compilation cache (a random backbone, --freeze backbone, 32 px, batch 64: the data's part is what differs).
 - rss: the peak resident memory of a fresh process that opens a folder of 2,000 or 8,000 256 px JPEGs and runs
   one epoch of train batches onto the device, `memory` and `stream` mode: the training process's peak, the
   largest worker's peak, and the peak of their sum (sampled every 20 ms from /proc).
@@ -150,13 +150,14 @@ def first_step_rows(folder: Path, records: int) -> list[dict[str, Any]]:
     if not backbone.exists():
         weights_file.save(backbone, random_resnet50()[1], {"model": {"kind": "resnet", "config": {"depth": 50}}})
     cache = {"XDG_CACHE_HOME": str(folder / "cache")}  # the compilation cache of these runs alone
-    child(["--first-step-child", "memory", spec, data_dir, str(backbone)], cache)  # fills the cache
-    return [{"data": f"{records:,} 32 px PNG records", "input_pipeline": mode,
-             **child(["--first-step-child", mode, spec, data_dir, str(backbone)], cache)}
-            for mode in ("memory", "stream")]
+    default = str(stream.default_workers())
+    child(["--first-step-child", "memory", "0", spec, data_dir, str(backbone)], cache)  # fills the cache
+    return [{"data": f"{records:,} 32 px PNG records", "input_pipeline": mode, "data_workers": int(workers),
+             **child(["--first-step-child", mode, workers, spec, data_dir, str(backbone)], cache)}
+            for mode, workers in (("memory", "0"), ("memory", default), ("stream", default))]
 
 
-def first_step_child(mode: str, spec: str, data_dir: str, backbone: str) -> dict[str, Any]:
+def first_step_child(mode: str, workers: str, spec: str, data_dir: str, backbone: str) -> dict[str, Any]:
     """In a fresh process: seconds from `train_and_evaluate` to the end of the first train step (then a Ctrl-C
     stops the run)."""
     from flaxresnet import loop, train_lib
@@ -174,7 +175,8 @@ def first_step_child(mode: str, spec: str, data_dir: str, backbone: str) -> dict
     train_lib.p_train_step = first
     with tempfile.TemporaryDirectory() as workdir:
         config = Config(backbone_weights=backbone, dataset=spec, data_dir=data_dir, image_size=None,
-                        freeze="backbone", batch_size=64, epochs=1, input_pipeline=mode, workdir=workdir)
+                        freeze="backbone", batch_size=64, epochs=1, input_pipeline=mode, data_workers=int(workers),
+                        workdir=workdir)
         start = time.perf_counter()
         try:
             loop.train_and_evaluate(config)
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "flaxresnet-input-pipeline",
                         help="folder of the generated datasets, made once and reused")
     parser.add_argument("--out", default="benchmarks/results/input_pipeline.json")
-    parser.add_argument("--first-step-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--first-step-child", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.first_step_child:

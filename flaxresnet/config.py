@@ -144,8 +144,9 @@ class Config:
                 f"fit {data.MEMORY_BUDGET_FRACTION:.0%} of this machine's memory, else stream (the log says which). "
                 "Same batches, same numbers either way", choices=data.INPUT_PIPELINES, resumable=True)
     data_workers: int | None = option(
-        None, "processes decoding the streamed batches; 0 decodes them in the training process (default: one per "
-              "CPU core but one; with several training processes on one machine, give each its share)",
+        None, "processes decoding the images: each batch with --input-pipeline stream, and a dataset of 10,000 "
+              "images or more before the first step with memory; 0 decodes in the training process (default: one "
+              "per CPU core but one; with several training processes on one machine, give each its share)",
         check=_non_negative_or_none, metavar="N", local=True)
     eval_every: int = option(1, "evaluate on the validation split every N epochs and after the last",
                              check=_positive, metavar="N", resumable=True)

@@ -11,7 +11,8 @@ Sources (`open_dataset` specs):
 Every example of a dataset has one image size: the source's own when it has one (CIFAR 32x32, digits 8x8; the
 model upsamples on device), else `image_size`. Each source decodes example i the same way wherever it runs
 (`Source.read`), and a split holds its examples one of two ways, the input pipeline (`INPUT_PIPELINES`):
-- `memory`: a `Split`, every image decoded into RAM as uint8 before the first step (`Dataset.in_memory`);
+- `memory`: a `Split`, every image decoded into RAM as uint8 before the first step (`Dataset.in_memory`; a large
+  dataset by worker processes, as a stream of chunks);
 - `stream`: a `StreamSplit`, which decodes the examples of each batch when it is needed, in worker processes
   that read a few batches ahead (`stream.py`, on grain): memory does not grow with the dataset, and each process
   of a multi-process run decodes only its rows of every batch.
@@ -51,6 +52,10 @@ INPUT_PIPELINES = ("auto", "memory", "stream")
 # `auto` decodes a dataset into memory when its decoded uint8 images (train + validation) take at most this
 # fraction of the machine's physical memory, and streams it otherwise (`choose_pipeline`).
 MEMORY_BUDGET_FRACTION = 0.25
+# `memory` decodes a split in worker processes (`decode`) from this many examples on: a worker takes ~3 s to start,
+# in which one process decodes ~6,000 CIFAR-sized records; it hands over chunks of DECODE_CHUNK examples.
+PARALLEL_DECODE_FROM = 10_000
+DECODE_CHUNK = 256
 _VERSION = re.compile(r"\d+\.\d+\.\d+")
 
 
@@ -162,10 +167,11 @@ class Dataset:
         """The bytes of every image of both splits decoded as uint8, what the `memory` pipeline holds."""
         return (len(self.train) + len(self.validation)) * math.prod(self.train.image_shape)
 
-    def in_memory(self) -> Dataset:
-        """Both splits decoded into memory (`Split`s); shows a progress bar on a terminal."""
-        return dataclasses.replace(self, train=decode(self.train, "decoding the training images"),
-                                   validation=decode(self.validation, "decoding the validation images"))
+    def in_memory(self, workers: int = 0) -> Dataset:
+        """Both splits decoded into memory (`Split`s), by `workers` processes where a split is large enough to
+        gain from them (`decode`); shows a progress bar on a terminal."""
+        return dataclasses.replace(self, train=decode(self.train, "decoding the training images", workers),
+                                   validation=decode(self.validation, "decoding the validation images", workers))
 
     def streamed(self, workers: int) -> Dataset:
         """Both splits streamed (`StreamSplit`s), decoded by `workers` processes (0: in this one)."""
@@ -179,19 +185,28 @@ def _streamed(split: Split | StreamSplit, workers: int) -> StreamSplit:
     return dataclasses.replace(split, workers=workers)
 
 
-def decode(split: Split | StreamSplit, description: str) -> Split:
-    """Every example of `split` decoded into memory, in order, by a thread pool (pillow's decoding and resizing
-    release the GIL). CIFAR-100's 60,000 examples take 20-35 s on one CPU core (300-450 us each: the record read,
-    tfds' parsing and the PNG decoding, about a third each)."""
+def decode(split: Split | StreamSplit, description: str, workers: int = 0) -> Split:
+    """Every example of `split` decoded into memory, in order: in chunks of DECODE_CHUNK by `workers` processes
+    (`stream`) when it has at least PARALLEL_DECODE_FROM examples, else by a thread pool here (pillow's decoding
+    and resizing release the GIL; tfds' parsing does not). CIFAR-100's 60,000 examples take 20-35 s in one
+    process (300-450 us each: the record read, tfds' parsing and the PNG decoding, about a third each)."""
     if isinstance(split, Split):
         return split
     images = np.empty((len(split), *split.image_shape), np.uint8)
     labels = np.empty(len(split), np.int32)
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        examples = pool.map(split.source.read, split.indices.tolist())
-        for i, (image, label) in enumerate(tqdm(examples, description, total=len(split), unit="img",
-                                                leave=False, disable=None)):
-            images[i], labels[i] = image, label
+    with tqdm(total=len(split), desc=description, unit="img", leave=False, disable=None) as bar:
+        if workers and len(split) >= PARALLEL_DECODE_FROM:
+            chunks = eval_batches(dataclasses.replace(split, workers=workers), DECODE_CHUNK)
+            for start, chunk in zip(range(0, len(split), DECODE_CHUNK), chunks):
+                count = int(chunk["mask"].sum())
+                images[start:start + count], labels[start:start + count] = chunk["image"][:count], \
+                    chunk["label"][:count]
+                bar.update(count)
+        else:
+            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+                for i, (image, label) in enumerate(pool.map(split.source.read, split.indices.tolist())):
+                    images[i], labels[i] = image, label
+                    bar.update()
     return Split(images, labels)
 
 

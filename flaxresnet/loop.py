@@ -230,10 +230,10 @@ def input_pipeline(config: Config, ds: data.Dataset) -> data.Dataset:
     """`ds` decoded into memory or streamed, as `config.input_pipeline` says (`data.choose_pipeline`); says which
     in one line."""
     pipeline, why = data.choose_pipeline(config.input_pipeline, ds)
+    workers = stream.default_workers() if config.data_workers is None else config.data_workers
     if pipeline == "memory":
         say(f"input pipeline: memory, every image decoded before the first step ({why})")
-        return ds.in_memory()
-    workers = stream.default_workers() if config.data_workers is None else config.data_workers
+        return ds.in_memory(workers)
     decoders = "the training process" if not workers else f"{workers} worker process(es)" + (
         " of each training process" if jax.process_count() > 1 else "")
     say(f"input pipeline: stream, each batch decoded when needed by {decoders} ({why})")

@@ -63,10 +63,17 @@ def test_real_tfds_of_varying_sizes_stream_equals_memory(tmp_path):
     assert_same_batches(data.eval_batches(ds.in_memory().train, 7), data.eval_batches(ds.streamed(2).train, 7))
 
 
-def test_image_folder_stream_equals_memory_in_worker_processes(tmp_path):
+def test_image_folder_stream_equals_memory_in_worker_processes(tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "images", {"cat": 9, "dog": 8, "eel": 7})
-    assert_stream_equals_memory(data.open_dataset(f"folder:{root}", seed=5, image_size=24), workers=2,
-                                batch_size=4)
+    ds = data.open_dataset(f"folder:{root}", seed=5, image_size=24)
+    assert_stream_equals_memory(ds, workers=2, batch_size=4)
+    # A large dataset is decoded into memory by the workers, in chunks (the last one partial): the same arrays.
+    monkeypatch.setattr(data, "PARALLEL_DECODE_FROM", 10)
+    monkeypatch.setattr(data, "DECODE_CHUNK", 3)
+    by_workers, by_threads = ds.in_memory(workers=2).train, ds.in_memory().train
+    assert len(by_workers) % 3
+    np.testing.assert_array_equal(by_workers.images, by_threads.images)
+    np.testing.assert_array_equal(by_workers.labels, by_threads.labels)
 
 
 def test_digits_stream_equals_memory():
