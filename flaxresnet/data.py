@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -199,8 +200,8 @@ def decode(split: Split | StreamSplit, description: str, workers: int = 0) -> Sp
             chunks = eval_batches(dataclasses.replace(split, workers=workers), DECODE_CHUNK)
             for start, chunk in zip(range(0, len(split), DECODE_CHUNK), chunks):
                 count = int(chunk["mask"].sum())
-                images[start:start + count], labels[start:start + count] = chunk["image"][:count], \
-                    chunk["label"][:count]
+                images[start:start + count] = chunk["image"][:count]
+                labels[start:start + count] = chunk["label"][:count]
                 bar.update(count)
         else:
             with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
@@ -284,6 +285,11 @@ class TfdsSource:
         return image, int(example[self.label_key])
 
     def all_labels(self) -> np.ndarray:
+        return self._labels
+
+    @functools.cached_property
+    def _labels(self) -> np.ndarray:
+        """Read once (a pass over every record): splitting off validation and naming the classes both ask."""
         # Item by item: tfds.testing.mock_data breaks __getitems__.
         return np.array([self.undecoded[i][self.label_key] for i in range(len(self.undecoded))], np.int32)
 
@@ -497,7 +503,6 @@ def _memory_batches(columns: dict[str, np.ndarray], positions: np.ndarray) -> It
 
 
 def shard(batch: Batch, num_devices: int) -> Batch:
-
     """Reshape each array from (B, ...) to (num_devices, B // num_devices, ...); UserError if B does not divide."""
     size = len(next(iter(batch.values())))
     if size % num_devices:

@@ -3,14 +3,15 @@
 `batches(source, indices, workers)` yields one batch per row of `indices` (a `data.Source`'s example numbers;
 -1 pads with zeros), in order. Each worker process decodes whole batches, every `workers`-th one, and reads
 READ_AHEAD batches ahead, so the host holds about workers x READ_AHEAD batches however large the dataset is; grain
-hands them over in shared memory and in their order, so the batches are those of the in-memory path, bit for bit
-(`data.py`). The rows of `indices` are what the caller asked for: a resumed epoch starts at its batch, and each
+hands them over in their order (in shared memory, copied out at once), so the batches are those of the in-memory
+path, bit for bit (`data.py`). The rows of `indices` are what the caller asked for: a resumed epoch starts at its batch, and each
 process of a multi-process run passes only its rows of every batch (`distributed.process_rows`).
 
 Workers are started for each epoch's batches (and each evaluation's) and end with them. They ignore SIGINT and
 SIGTERM from their start on (`_signals_blocked`): a Ctrl-C in a terminal, or a scheduler's SIGTERM to every
 process of the job, is the training process's to handle (`preemption`), and it ends its workers when it stops; a
-worker whose training process has died ends itself. An exception in a worker (an unreadable image's UserError) is raised where the batch is taken.
+worker whose training process has died ends itself. An exception in a worker (an unreadable image's UserError)
+is raised where the batch is taken.
 """
 
 from __future__ import annotations
