@@ -1,4 +1,4 @@
-"""End-to-end training throughput of whole epochs: train.py's loop (`loop.train_epoch`: host batches, prefetch to
+"""End-to-end training throughput of whole epochs: train.py's loop (`loop.Epochs.train`: host batches, prefetch to
 device, pmapped steps, metrics fetched every few steps) vs the original pipeline (Keras `fit` on a host-side
 Python generator that copies and randomly erases every preprocessed image in numpy), on the same synthetic
 CIFAR-sized data, model, batch and image size.
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def flax_epoch(epoch: int, examples: data.Split, n: int) -> None:
         nonlocal state
-        state, _, _ = loop.train_epoch(state, examples, config, epoch, n, key)
+        state, _, _ = loop.Epochs.of(config, n, key).train(state, examples, epoch)
 
     def keras_epoch(n: int) -> None:
         model.fit(batches, steps_per_epoch=n, epochs=1, verbose=0, shuffle=False)  # the generator shuffles
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         times["flax"].append(timed(flax_epoch, epoch, split, steps))
         times["keras"].append(timed(keras_epoch, steps))
 
-    names = {"flax": "flaxresnet loop.train_epoch", "keras": "Keras fit + host random erasing"}
+    names = {"flax": "flaxresnet loop.Epochs.train", "keras": "Keras fit + host random erasing"}
     rows = [{"pipeline": names[k], "first_step_s": warmup[k], "epoch_s": statistics.median(t),
              "img_per_s": steps * args.batch_size / statistics.median(t)} for k, t in times.items()]
     ratio = statistics.median(a / b for a, b in zip(times["flax"], times["keras"]))

@@ -1,5 +1,5 @@
-"""Linear-probe epochs with and without the feature cache: train.py's epoch (`loop.train_epoch`) and validation
-(`loop.evaluate`) on images through the frozen, inference-mode backbone, against the same on the pooled features
+"""Linear-probe epochs with and without the feature cache: train.py's epoch (`loop.Epochs.train`) and validation
+(`evaluation.evaluate`) on images through the frozen, inference-mode backbone, against the same on the pooled features
 computed once (`feature_cache.compute`), plus that one-off feature pass.
 
 The run is `--freeze backbone --augment none` with the seed head, on synthetic CIFAR-sized images upsampled on
@@ -19,7 +19,7 @@ from typing import Any
 import jax
 
 from benchmarks.common import random_resnet50, report, synthetic_split
-from flaxresnet import data, feature_cache, loop, train_lib
+from flaxresnet import data, evaluation, feature_cache, loop, train_lib
 from flaxresnet.config import Config
 
 
@@ -52,8 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     def first(split: data.Split) -> data.Split:
         return data.Split(split.images[:args.batch_size], split.labels[:args.batch_size])
 
-    def features(split: data.Split) -> data.FeatureSplit:
+    def features(split: data.Split) -> feature_cache.FeatureSplit:
         return feature_cache.compute(model, backbone, split, args.batch_size, "benchmark")
+
+    def head_epochs(steps: int) -> loop.Epochs:
+        return loop.Epochs.of(config, steps, key, train_lib.p_head_train_step)
 
     def timed(run: Callable[..., Any], *run_args: Any) -> tuple[float, Any]:
         start = time.perf_counter()
@@ -63,26 +66,29 @@ def main(argv: list[str] | None = None) -> None:
     # Compilation: one batch each (the feature pass and the full steps compile the backbone separately).
     compile_s = {"features": timed(features, first(train))[0]}
     cached_train, cached_validation = features(first(train)), features(first(validation))
-    compile_s["full_epoch"], (full, _, _) = timed(loop.train_epoch, full, first(train), config, 1, 1, key)
-    compile_s["cached_epoch"], (head, _, _) = timed(loop.train_epoch, head, cached_train, config, 1, 1, key)
-    compile_s["full_eval"] = timed(loop.evaluate, model, full.variables(), first(validation), args.batch_size)[0]
-    compile_s["cached_eval"] = timed(loop.evaluate, model, head.variables(), cached_validation, args.batch_size)[0]
+    compile_s["full_epoch"], (full, _, _) = timed(loop.Epochs.of(config, 1, key).train, full, first(train), 1)
+    compile_s["cached_epoch"], (head, _, _) = timed(head_epochs(1).train, head, cached_train, 1)
+    compile_s["full_eval"] = timed(evaluation.evaluate, model, full.variables(), first(validation),
+                                 args.batch_size)[0]
+    compile_s["cached_eval"] = timed(evaluation.evaluate, model, head.variables(), cached_validation, args.batch_size,
+                                   train_lib.p_head_eval_step)[0]
     print(f"compile + one batch (s): {compile_s}", flush=True)
 
     times: dict[str, list[float]] = {"full_epoch": [], "cached_epoch": [], "full_eval": [], "cached_eval": [],
                                      "pass_training": [], "pass_validation": []}
     for epoch in range(2, args.rounds + 2):
-        seconds, (full, _, _) = timed(loop.train_epoch, full, train, config, epoch, steps, key)
+        seconds, (full, _, _) = timed(loop.Epochs.of(config, steps, key).train, full, train, epoch)
         times["full_epoch"].append(seconds)
         seconds, cached_train = timed(features, train)
         times["pass_training"].append(seconds)
         seconds, cached_validation = timed(features, validation)
         times["pass_validation"].append(seconds)
-        seconds, (head, _, _) = timed(loop.train_epoch, head, cached_train, config, epoch, steps, key)
+        seconds, (head, _, _) = timed(head_epochs(steps).train, head, cached_train, epoch)
         times["cached_epoch"].append(seconds)
-        times["full_eval"].append(timed(loop.evaluate, model, full.variables(), validation, args.batch_size)[0])
-        times["cached_eval"].append(timed(loop.evaluate, model, head.variables(), cached_validation,
-                                          args.batch_size)[0])
+        times["full_eval"].append(timed(evaluation.evaluate, model, full.variables(), validation,
+                                        args.batch_size)[0])
+        times["cached_eval"].append(timed(evaluation.evaluate, model, head.variables(), cached_validation,
+                                          args.batch_size, train_lib.p_head_eval_step)[0])
 
     median = {k: statistics.median(v) for k, v in times.items()}
     rows = [{"what": f"training epoch ({steps} steps of {args.batch_size})", "full_s": median["full_epoch"],

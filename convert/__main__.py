@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flaxresnet.errors import run_command
+from flaxresnet.cli import run_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -58,8 +58,24 @@ class Meta:
     layout: dict[str, int] = dataclasses.field(default_factory=current_layout)
 
     def to_json(self) -> dict[str, Any]:
+        """The meta item as written: format and version first, then the fields."""
         return {"format": FORMAT, "version": VERSION, "config": self.config.to_dict(), "history": self.history,
                 "epoch_metrics": self.epoch_metrics, "epoch_seconds": self.epoch_seconds, "layout": self.layout}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Meta:
+        """The Meta of a `to_json` value of this VERSION; ValueError, KeyError or TypeError if it is not one
+        (`OtherVersion` if it is one of another version)."""
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise ValueError("no flaxresnet meta")
+        if raw["version"] != VERSION:
+            raise OtherVersion(raw["version"])
+        return cls(Config.from_dict(raw["config"]), list(raw["history"]), list(raw["epoch_metrics"]),
+                   float(raw["epoch_seconds"]), dict(raw["layout"]))
+
+
+class OtherVersion(Exception):
+    """A checkpoint of another format version than this flaxresnet resumes (the version is `args[0]`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,14 +110,11 @@ class Checkpoints:
         step = steps[-1]
         path = self.directory / str(step)
         try:
-            raw = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-                raise ValueError("no flaxresnet meta")
-            if raw["version"] != VERSION:
-                raise UserError(f"checkpoint {path} has version {raw['version']}, this flaxresnet resumes version "
-                                f"{VERSION}: {self._advice(step)}", option="workdir")
-            meta = Meta(Config.from_dict(raw["config"]), list(raw["history"]), list(raw["epoch_metrics"]),
-                        float(raw["epoch_seconds"]), dict(raw["layout"]))
+            meta = Meta.from_json(self._manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"])
+        except OtherVersion as e:
+            raise UserError(f"checkpoint {path} has version {e.args[0]}, this flaxresnet resumes version {VERSION}: "
+                            f"{self._advice(step)}", option="workdir") from e
         except (OSError, KeyError, TypeError, ValueError) as e:  # missing, not JSON, not ours, a field missing
             raise UserError(f"checkpoint {path} is corrupt or not a flaxresnet checkpoint ({_reason(e)}): "
                             f"{self._advice(step)}", option="workdir") from e

@@ -1,8 +1,8 @@
 """JAX's persistent compilation cache, on by default: a rerun, a resumed run or a run differing only in settings
 the compiled steps do not depend on loads them from disk instead of compiling them again.
 
-`enable(setting)` is called before anything compiles: by the training loop (`Config.compile_cache`, a local
-setting, so resuming may change it) and by the evaluate and predict commands (`add_flag`). JAX keys each entry by
+`enable(setting)` is called before anything compiles: by the training loop and by the evaluate and predict
+commands (`Config.compile_cache`, a local setting, so resuming may change it). JAX keys each entry by
 the compiled program (its HLO, without source locations), the compile options and XLA flags, the devices, the
 backend and the jaxlib version, so a changed step is a new entry and never a stale hit. In a multi-process run
 every process reads the cache and process 0 alone writes it (JAX does both), so the folder should be one they all
@@ -12,7 +12,6 @@ compiles (about 1 MB on CPU for a small run); nothing evicts old entries, so del
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -24,9 +23,6 @@ from flaxresnet.errors import UserError
 
 OFF = "off"
 DEFAULT = "default"
-METAVAR = "DIR|off"
-HELP = ("folder of the persistent XLA compilation cache, or 'off' (default: 'default', which is "
-        "$XDG_CACHE_HOME/flaxresnet/jax-compilation-cache, else ~/.cache/flaxresnet/jax-compilation-cache)")
 # Compilations of at least this many seconds are written to the cache: all of them. JAX's default, 1 s, keeps
 # the few big programs (train and evaluation steps, initialisation: seconds to minutes each) but none of the
 # ~130 small ones a run also compiles (replicating, sharding, squeezing metrics: 10-150 ms each), which then
@@ -96,7 +92,3 @@ def apply(values: dict[str, object]) -> None:
             jax.config.update(name, value)
         compilation_cache.reset_cache()
 
-
-def add_flag(parser: argparse.ArgumentParser) -> None:
-    """The --compile-cache flag of the evaluate and predict commands (train.py's comes from the Config field)."""
-    parser.add_argument("--compile-cache", default=DEFAULT, metavar=METAVAR, help=HELP)

@@ -1,11 +1,12 @@
 """The one typed configuration of a fine-tuning run, shared by train.py, the training library and the tests.
 
 Every option is declared once, as a Config field made by `option`: its type (the annotation), default, help
-and check live there, and everything else reads them: train.py builds its flags from the fields, the
-training loop saves `to_dict()` beside its checkpoints and compares the fields on resume (all but those marked
-`resumable`), and `train_lib.build_classifier` takes every Classifier attribute of the same name, so the saved
+and check live there, and everything else reads them: the command lines build their flags from the fields
+(`cli.py`), the run saves `to_dict()` beside its checkpoints and compares the fields on resume (all but those
+marked `resumable`, `rundir.check_resumable`), and `train_lib.build_classifier` takes every Classifier attribute of the same name, so the saved
 classifier's metadata and its Keras export carry it too. Invalid values raise UserError when the Config is
-built, before any device work starts.
+built, before any device work starts. The choices of options that other modules implement (input pipelines,
+dataset forms) are declared here too, and those modules read them from here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 
 from flaxresnet import augment as augment_lib
 from flaxresnet import compile_cache as compile_cache_lib
-from flaxresnet import data, freeze
+from flaxresnet import freeze
 from flaxresnet.errors import UserError
 from flaxresnet.models import HEADS, STAGE_BLOCKS
 
@@ -26,6 +27,11 @@ SCHEDULES = ("constant", "cosine")
 UPSAMPLE_METHODS = ("nearest", "bilinear")
 DTYPES = ("float32", "bfloat16", "float64")
 FEATURE_CACHE = ("auto", "off")
+INPUT_PIPELINES = ("auto", "memory", "stream")
+# `auto` decodes a dataset into memory when its decoded uint8 images (train + validation) take at most this
+# fraction of the machine's physical memory, and streams it otherwise (`data.choose_pipeline`).
+MEMORY_BUDGET_FRACTION = 0.25
+DATASET_FORMS = "cifar100, tfds:NAME[:LABEL_KEY], folder:PATH or digits"
 # Steps between checkpoints within an epoch: see the README's "Checkpoints" for the measured cost behind it.
 CHECKPOINT_EVERY = 500
 
@@ -127,7 +133,7 @@ class Config:
     backbone_weights: str | None = option(
         None, "a backbone converted with `python -m convert keras_to_flax`, or 'none' to train from scratch",
         metavar="FILE|none", required=True)
-    dataset: str = option("cifar100", data.SPEC_FORMS, metavar="SPEC")
+    dataset: str = option("cifar100", DATASET_FORMS, metavar="SPEC")
     data_dir: str | None = option(None, "tfds data folder (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)",
                                   resumable=True)
     epochs: int = option(15, "training epochs in all (a resumed run continues up to it)", check=_positive,
@@ -141,8 +147,8 @@ class Config:
         "auto", "memory: decode the whole dataset into RAM before the first step; stream: decode each batch's "
                 "images when it is needed, in --data-workers processes reading a few batches ahead (memory does not "
                 "grow with the dataset; each process decodes only its rows); auto: memory when the decoded images "
-                f"fit {data.MEMORY_BUDGET_FRACTION:.0%} of this machine's memory, else stream (the log says which). "
-                "Same batches, same numbers either way", choices=data.INPUT_PIPELINES, resumable=True)
+                f"fit {MEMORY_BUDGET_FRACTION:.0%} of this machine's memory, else stream (the log says which). "
+                "Same batches, same numbers either way", choices=INPUT_PIPELINES, resumable=True)
     data_workers: int | None = option(
         None, "processes decoding the images: each batch with --input-pipeline stream, and a dataset of 10,000 "
               "images or more before the first step with memory; 0 decodes in the training process (default: one "
@@ -167,8 +173,11 @@ class Config:
                                        check=_positive_or_none, metavar="N", local=True)
     process_id: int | None = option(None, "multi-process run: this process's id, 0 to N-1 (with --coordinator)",
                                     check=_non_negative_or_none, metavar="I", local=True)
-    compile_cache: str = option(compile_cache_lib.DEFAULT, compile_cache_lib.HELP, check=compile_cache_lib.check,
-                                metavar=compile_cache_lib.METAVAR, local=True)
+    compile_cache: str = option(
+        compile_cache_lib.DEFAULT, "folder of the persistent XLA compilation cache, or 'off' (default: 'default', "
+                                   "which is $XDG_CACHE_HOME/flaxresnet/jax-compilation-cache, else "
+                                   "~/.cache/flaxresnet/jax-compilation-cache)",
+        check=compile_cache_lib.check, metavar=f"DIR|{compile_cache_lib.OFF}", local=True)
 
     def __post_init__(self) -> None:
         # A list from JSON or a command line becomes a tuple, keeping the config hashable.

@@ -10,15 +10,16 @@ Sources (`open_dataset` specs):
 
 Every example of a dataset has one image size: the source's own when it has one (CIFAR 32x32, digits 8x8; the
 model upsamples on device), else `image_size`. Each source decodes example i the same way wherever it runs
-(`Source.read`), and a split holds its examples one of two ways, the input pipeline (`INPUT_PIPELINES`):
+(`Source.read`), and a split holds its examples one of two ways, the input pipeline (`config.INPUT_PIPELINES`):
 - `memory`: a `Split`, every image decoded into RAM as uint8 before the first step (`Dataset.in_memory`; a large
   dataset by worker processes, as a stream of chunks);
 - `stream`: a `StreamSplit`, which decodes the examples of each batch when it is needed, in worker processes
   that read a few batches ahead (`stream.py`, on grain): memory does not grow with the dataset, and each process
   of a multi-process run decodes only its rows of every batch.
 Batches are the same arrays either way: dicts {'image': (B, H, W, 3) uint8, 'label': (B,) int32} plus 'mask'
-(B,) bool for evaluation, in the order of the (seed, epoch) permutation. A `FeatureSplit` (the backbone
-features of a split's images, `feature_cache`) is batched the same way, under 'features'.
+(B,) bool for evaluation, in the order of the (seed, epoch) permutation. Any other examples held in memory as
+`Columns` (the feature cache's backbone features, `feature_cache.FeatureSplit`) are batched the same way.
+`use_pipeline` picks the input pipeline a run asked for and says which in one line.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from flaxresnet import stream
+from flaxresnet import log, stream
+from flaxresnet.config import DATASET_FORMS, MEMORY_BUDGET_FRACTION
 from flaxresnet.errors import UserError
 
 Batch = dict[str, np.ndarray]
@@ -48,11 +50,6 @@ Batch = dict[str, np.ndarray]
 VALIDATION_FRACTION = 0.2
 DEFAULT_FOLDER_IMAGE_SIZE = 64
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
-SPEC_FORMS = "cifar100, tfds:NAME[:LABEL_KEY], folder:PATH or digits"
-INPUT_PIPELINES = ("auto", "memory", "stream")
-# `auto` decodes a dataset into memory when its decoded uint8 images (train + validation) take at most this
-# fraction of the machine's physical memory, and streams it otherwise (`choose_pipeline`).
-MEMORY_BUDGET_FRACTION = 0.25
 # `memory` decodes a split in worker processes (`decode`) from this many examples on: a worker takes ~3 s to start,
 # in which one process decodes ~6,000 CIFAR-sized records; it hands over chunks of DECODE_CHUNK examples.
 PARALLEL_DECODE_FROM = 10_000
@@ -124,31 +121,16 @@ class StreamSplit:
         return self.source.image_shape
 
 
-@dataclasses.dataclass(frozen=True)
-class FeatureSplit:
-    """A split's examples as backbone features (`feature_cache`): `features` float (N, F), one row an image;
-    `labels` int32 (N,). Batched like a Split, with 'features' in place of 'image'."""
+class Columns(Protocol):
+    """Examples held in memory as per-example arrays under their batch keys (a `Split`, cached features)."""
 
-    features: np.ndarray
-    labels: np.ndarray
+    def __len__(self) -> int: ...
 
-    def __post_init__(self):
-        if not np.issubdtype(self.features.dtype, np.floating) or self.features.ndim != 2:
-            raise ValueError(f"features must be float (N, F), got {self.features.dtype} {self.features.shape}")
-        if self.labels.dtype != np.int32 or self.labels.shape != self.features.shape[:1]:
-            raise ValueError(f"labels must be int32 ({len(self.features)},), got {self.labels.dtype} "
-                             f"{self.labels.shape}")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def columns(self) -> dict[str, np.ndarray]:
-        """The per-example arrays under their batch keys."""
-        return {"features": self.features, "label": self.labels}
+    def columns(self) -> dict[str, np.ndarray]: ...
 
 
-# What the batching functions take: images in memory or streamed, or their cached features.
-Examples = Split | StreamSplit | FeatureSplit
+# What the batching functions take: images in memory or streamed, or other examples in memory.
+Examples = Split | StreamSplit | Columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +199,7 @@ def physical_memory() -> int:
 
 
 def choose_pipeline(choice: str, dataset: Dataset) -> tuple[str, str]:
-    """The input pipeline `choice` (one of INPUT_PIPELINES) means for `dataset`: 'memory' or 'stream', and why
+    """The input pipeline `choice` (one of `config.INPUT_PIPELINES`) means for `dataset`: 'memory' or 'stream', and why
     in words. `auto` is 'memory' when the decoded dataset fits MEMORY_BUDGET_FRACTION of physical memory."""
     size = f"{_megabytes(dataset.nbytes)} decoded"
     if choice != "auto":
@@ -227,6 +209,20 @@ def choose_pipeline(choice: str, dataset: Dataset) -> tuple[str, str]:
     return ("memory" if fits else "stream"), (
         f"auto: the dataset is {size}, {'within' if fits else 'over'} the memory budget of {_megabytes(budget)}, "
         f"{MEMORY_BUDGET_FRACTION:.0%} of this machine's memory")
+
+
+def use_pipeline(dataset: Dataset, choice: str, workers: int | None) -> Dataset:
+    """`dataset` decoded into memory or streamed, as the input pipeline `choice` means for it (`choose_pipeline`),
+    by `workers` processes (None: `stream.default_workers`); says which in one line."""
+    pipeline, why = choose_pipeline(choice, dataset)
+    workers = stream.default_workers() if workers is None else workers
+    if pipeline == "memory":
+        log.say(f"input pipeline: memory, every image decoded before the first step ({why})")
+        return dataset.in_memory(workers)
+    decoders = "the training process" if not workers else f"{workers} worker process(es)" + (
+        " of each training process" if jax.process_count() > 1 else "")
+    log.say(f"input pipeline: stream, each batch decoded when needed by {decoders} ({why})")
+    return dataset.streamed(workers)
 
 
 def _megabytes(size: float) -> str:
@@ -259,7 +255,7 @@ def open_dataset(spec: str, data_dir: str | None = None, seed: int = 0, image_si
         return _open_tfds(name, label_key, data_dir, seed, image_size)
     if kind == "folder" and rest:
         return _open_folder(Path(rest), seed, image_size or DEFAULT_FOLDER_IMAGE_SIZE)
-    raise UserError(f"unknown dataset {spec!r}: use one of {SPEC_FORMS}")
+    raise UserError(f"unknown dataset {spec!r}: use one of {DATASET_FORMS}", option="dataset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,13 +292,48 @@ class TfdsSource:
 
 def _open_tfds(name: str, label_key: str, data_dir: str | None, seed: int, image_size: int | None) -> Dataset:
     """Open a prepared tfds dataset through its random-access data source; never downloads."""
-    try:  # imported here, so that every other source works without tensorflow-datasets installed
+    tfds = _import_tfds(name)
+    builder = _prepared_builder(tfds, name, data_dir)
+    info = builder.info
+    image_key, image_shape = _image_feature(tfds, name, info.features, label_key, image_size)
+    if "train" not in info.splits:
+        raise UserError(f"tfds dataset {name!r} has no 'train' split (it has {sorted(info.splits)})")
+
+    def source(split: str) -> TfdsSource:
+        undecoded = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+        return TfdsSource(builder.as_data_source(split=split), undecoded, image_key, label_key, image_shape)
+
+    validation_split = next((s for s in ("test", "validation") if s in info.splits), None)
+    if validation_split is None:
+        sources = [source("train")]
+        splits = _split_off(sources[0], seed, f"the 'train' split of tfds dataset {name!r}")
+    else:
+        sources = [source("train"), source(validation_split)]
+        splits = tuple(StreamSplit(s, np.arange(len(s))) for s in sources)
+    label_feature = info.features[label_key]
+    if isinstance(label_feature, tfds.features.ClassLabel):
+        class_names = list(label_feature.names)
+    else:
+        labels = np.concatenate([s.all_labels() for s in sources])
+        class_names = [str(i) for i in range(int(labels.max()) + 1)]
+    return Dataset(*splits, class_names)
+
+
+def _import_tfds(name: str) -> Any:
+    """tensorflow_datasets, imported here so that every other source works without it installed."""
+    try:
         import tensorflow_datasets as tfds
     except ModuleNotFoundError as e:
         if e.name != "tensorflow_datasets":
             raise
         raise UserError(f"tfds dataset {name!r} needs tensorflow-datasets, which is not installed: pip install "
                         f"tensorflow-datasets (or use a folder:PATH or digits dataset)") from e
+    return tfds
+
+
+def _prepared_builder(tfds: Any, name: str, data_dir: str | None) -> Any:
+    """The builder of tfds dataset `name`, prepared in `data_dir` in a format with random access; UserError with
+    the command that prepares or converts it otherwise."""
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError as e:
@@ -314,60 +345,38 @@ def _open_tfds(name: str, label_key: str, data_dir: str | None, seed: int, image
                         f"TensorFlow and the network): pip install tensorflow-cpu && python -c \"import "
                         f"tensorflow_datasets as tfds; tfds.builder({name!r}, {data_dir_arg}"
                         f"file_format='array_record').download_and_prepare()\"")
-    info = builder.info
-    if not info.available_file_formats() & set(tfds.core.FileFormat.with_random_access()):
-        raise UserError(f"tfds dataset {name!r} in {builder.data_path} is stored as {info.file_format.value}, "
-                        f"which has no random access: convert it once: pip install tensorflow-cpu apache-beam "
+    if not builder.info.available_file_formats() & set(tfds.core.FileFormat.with_random_access()):
+        raise UserError(f"tfds dataset {name!r} in {builder.data_path} is stored as {builder.info.file_format.value}"
+                        f", which has no random access: convert it once: pip install tensorflow-cpu apache-beam "
                         f"&& tfds convert_format --dataset_version_dir={builder.data_path} "
                         f"--out_file_format=array_record")
-    features = info.features
+    return builder
+
+
+def _image_feature(tfds: Any, name: str, features: Any, label_key: str,
+                   image_size: int | None) -> tuple[str, tuple[int, int, int]]:
+    """The key of the dataset's image feature ('image', or its only Image feature) and the shape its images are
+    read at (their own, or `image_size` square when they vary); UserError unless `label_key` is a feature too and
+    the images are uint8."""
     if label_key not in features:
         raise UserError(f"tfds dataset {name!r} has no label feature {label_key!r}: use tfds:{name}:KEY with "
-                        f"KEY one of {sorted(features.keys())}")
-    image_key = _image_feature(name, features)
-    if features[image_key].np_dtype != np.uint8:
-        raise UserError(f"tfds dataset {name!r} has {np.dtype(features[image_key].np_dtype).name} images: only "
-                        f"uint8 images are supported")
-    height, width = features[image_key].shape[:2]
-    if height is None or width is None:
-        if image_size is None:
-            raise UserError(f"tfds dataset {name!r} has images of varying size: give an image size to "
-                            f"resize them to (--image-size)")
-        height = width = image_size
-    if "train" not in info.splits:
-        raise UserError(f"tfds dataset {name!r} has no 'train' split (it has {sorted(info.splits)})")
-
-    def source(split: str) -> TfdsSource:
-        undecoded = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
-        return TfdsSource(builder.as_data_source(split=split), undecoded, image_key, label_key, (height, width, 3))
-
-    validation_split = next((s for s in ("test", "validation") if s in info.splits), None)
-    if validation_split is None:
-        sources = [source("train")]
-        splits = _split_off(sources[0], seed, f"the 'train' split of tfds dataset {name!r}")
-    else:
-        sources = [source("train"), source(validation_split)]
-        splits = tuple(StreamSplit(s, np.arange(len(s))) for s in sources)
-    label_feature = features[label_key]
-    if isinstance(label_feature, tfds.features.ClassLabel):
-        class_names = list(label_feature.names)
-    else:
-        labels = np.concatenate([s.all_labels() for s in sources])
-        class_names = [str(i) for i in range(int(labels.max()) + 1)]
-    return Dataset(*splits, class_names)
-
-
-def _image_feature(name: str, features: Any) -> str:
-    """The key of the dataset's image feature: 'image', or its only Image feature."""
-    import tensorflow_datasets as tfds
-
-    if "image" in features:
-        return "image"
-    keys = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
+                        f"KEY one of {sorted(features.keys())}", option="dataset")
+    keys = ["image"] if "image" in features else [k for k, f in features.items()
+                                                  if isinstance(f, tfds.features.Image)]
     if len(keys) != 1:
         raise UserError(f"tfds dataset {name!r} needs one image feature, found {keys or 'none'}: only "
                         f"image classification datasets can be used")
-    return keys[0]
+    image = features[keys[0]]
+    if image.np_dtype != np.uint8:
+        raise UserError(f"tfds dataset {name!r} has {np.dtype(image.np_dtype).name} images: only uint8 images are "
+                        f"supported")
+    height, width = image.shape[:2]
+    if height is None or width is None:
+        if image_size is None:
+            raise UserError(f"tfds dataset {name!r} has images of varying size: give an image size to resize "
+                            f"them to", option="image_size")
+        height = width = image_size
+    return keys[0], (height, width, 3)
 
 
 def fit_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:

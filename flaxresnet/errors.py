@@ -1,14 +1,20 @@
-"""The one exception type for foreseeable user mistakes.
+"""The one exception type for foreseeable user mistakes, and how messages name the options a user would change.
 
 Command-line entry points catch it and print its message as a single line on stderr with a non-zero exit
-status (`run_command`); anything else escaping is a bug and keeps its traceback. A library raising it speaks
-in its own terms and may name the `option` the user would change; the command line then names its flag.
+status (`cli.run_command`); anything else escaping is a bug and keeps its traceback. A library raising it speaks
+in its own terms: it names options through `option_name` (a Config field or keyword argument, e.g.
+'batch_size') and may say which one to change (`option`); a command line spells them as its flags
+(`spelled_as`), so the same message reads 'batch_size' from Python and '--batch-size' from train.py.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+
+# How option names are spelled in messages and log lines now: the library's own names unless a command line
+# said otherwise (`spelled_as`).
+_spelling: Callable[[str], str] = str
 
 
 class UserError(Exception):
@@ -27,18 +33,18 @@ class UserError(Exception):
         return type(self), (str(self), self.option)
 
 
-def flag(name: str) -> str:
-    """The command-line flag of an option: 'batch_size' -> '--batch-size'."""
-    return "--" + name.replace("_", "-")
+def option_name(name: str) -> str:
+    """Option `name` (a Config field or keyword argument) as the user gave it: the name itself in the library,
+    the flag on a command line (`spelled_as`)."""
+    return _spelling(name)
 
 
-def run_command(action: Callable[[], object]) -> int:
-    """Run a command-line entry point's work; its exit status: 0, or 2 after printing a UserError's message as
-    one line on stderr, with the flag of the option it names."""
+@contextlib.contextmanager
+def spelled_as(spelling: Callable[[str], str]) -> Iterator[None]:
+    """Within the block, messages and log lines name options with `spelling` (e.g. `cli.flag`)."""
+    global _spelling
+    previous, _spelling = _spelling, spelling
     try:
-        action()
-    except UserError as e:
-        advice = f" (set {flag(e.option)})" if e.option else ""
-        print(f"error: {e}{advice}", file=sys.stderr)
-        return 2
-    return 0
+        yield
+    finally:
+        _spelling = previous

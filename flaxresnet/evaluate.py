@@ -2,8 +2,8 @@
 accuracy and loss on a dataset split, and a confusion-matrix PNG for up to 100 classes.
 
 The numbers are the engine's `eval_step` sums over `data.eval_batches` (every example once, the last batch
-padded and masked), pmapped over the local devices. `loop.evaluate` is the one evaluation loop: the training
-loop calls it every epoch, so with the run's own dataset, seed and batch size (the defaults, read from the file's
+padded and masked), pmapped over the local devices. `evaluation.evaluate` is the one evaluation loop: the
+training loop calls it every epoch, so with the run's own dataset, seed and batch size (the defaults, read from the file's
 metadata) the command reproduces the run's final validation numbers exactly.
 """
 
@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from flaxresnet import compile_cache, data, loop, train_lib, weights_file
-from flaxresnet.errors import UserError, run_command
+from flaxresnet import cli, compile_cache, data, evaluation, train_lib, weights_file
+from flaxresnet.config import DATASET_FORMS
+from flaxresnet.errors import UserError, option_name
 from flaxresnet.models import Classifier
 
 DEFAULT_BATCH_SIZE = 64
@@ -67,7 +68,8 @@ def run(weights: str, dataset: str | None = None, data_dir: str | None = None, s
     run_config = metadata.get("config", {})
     dataset = dataset or metadata.get("dataset")
     if dataset is None:
-        raise UserError(f"{weights} does not record the dataset it was trained on: give --dataset")
+        raise UserError(f"{weights} does not record the dataset it was trained on: give "
+                        f"{option_name('dataset')}")
     data_dir = data_dir or run_config.get("data_dir")
     batch_size = run_config.get("batch_size", DEFAULT_BATCH_SIZE) if batch_size is None else batch_size
     # The run's own seed splits off the same validation part of a folder or digits dataset.
@@ -81,7 +83,7 @@ def run(weights: str, dataset: str | None = None, data_dir: str | None = None, s
     if "image_shape" in metadata and examples.images.shape[1:3] != (height, width):
         raise UserError(f"dataset {dataset} has {examples.images.shape[1]}x{examples.images.shape[2]} images, "
                         f"the classifier was trained on {height}x{width}: evaluate it on its own dataset")
-    result = loop.evaluate(model, train_lib.replicate(variables), examples, batch_size)
+    result = evaluation.evaluate(model, train_lib.replicate(variables), examples, batch_size)
     top5 = f", top-5 {result.top5:.2%}" if result.top5 is not None else ""
     lines = [f"{Path(weights).name} on {dataset} {split} ({result.count} examples): top-1 {result.accuracy:.2%}"
              f"{top5}, loss {result.loss:.4f} ({time.perf_counter() - start:.1f} s)"]
@@ -101,7 +103,7 @@ def run(weights: str, dataset: str | None = None, data_dir: str | None = None, s
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m flaxresnet.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--weights", required=True, help="a fine-tuned classifier (train.py's final.msgpack)")
-    parser.add_argument("--dataset", help=f"{data.SPEC_FORMS} (default: the one it was trained on)")
+    parser.add_argument("--dataset", help=f"{DATASET_FORMS} (default: the one it was trained on)")
     parser.add_argument("--data-dir", help="tfds data folder (default: the run's, else $TFDS_DATA_DIR or "
                                            "~/tensorflow_datasets)")
     parser.add_argument("--split", choices=("validation", "train"), default="validation",
@@ -111,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="folder for confusion_SPLIT.png (default: the weights file's folder)")
     parser.add_argument("--seed", type=int,
                         help="seed of the validation split-off for folder/digits datasets (default: the run's)")
-    compile_cache.add_flag(parser)
+    cli.add_option(parser, cli.config_field("compile_cache"))
     return parser.parse_args(argv)
 
 
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         compile_cache.enable(args.compile_cache)
         print(run(args.weights, args.dataset, args.data_dir, args.split, args.batch_size, args.out, args.seed))
 
-    return run_command(evaluate)
+    return cli.run_command(evaluate)
 
 
 if __name__ == "__main__":

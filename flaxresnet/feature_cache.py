@@ -1,6 +1,10 @@
 """Cached backbone features for linear probes: when the backbone's output for an image cannot change during a
 run, compute it once per image and train and evaluate the head alone on it.
 
+`plan` decides once a run whether the cache applies (`why_not`) and, if so, everything the epochs then use: the
+head's part of the state, the splits' features, the head-only steps and how the state is made whole again for
+checkpoints and final.msgpack; the training loop follows the plan without asking again.
+
 When (`why_not`): every backbone parameter frozen, the backbone's BatchNorm in inference mode (moving
 statistics, never updated) and no augmentation. Caffe preprocessing, upsampling and the backbone are then one
 fixed function of the raw image, which the full step would recompute every epoch (the Keras guide's feature
@@ -8,7 +12,7 @@ extraction recipe, "run the base model once"). With the freeze presets this is `
 
 What is held: every head starts with global average pooling, which has no parameters, so the cache holds each
 image's pooled features (`Classifier.pooled_features`): 2,048 floats, 8 KB in float32, instead of the feature
-map (CIFAR-100's 50,000 + 10,000 images: 0.49 GB). They stay on the host as numpy (`data.FeatureSplit`) and go to
+map (CIFAR-100's 50,000 + 10,000 images: 0.49 GB). They stay on the host as numpy (`FeatureSplit`) and go to
 the devices batch by batch, prefetched, as images do; the seeded batch order is the images' own.
 
 Several processes: the training order changes every epoch, so a process may be given any training example.
@@ -25,16 +29,91 @@ from the step rounds its last bits differently), and checkpoints continue either
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from flaxresnet import data, distributed, train_lib
+from flaxresnet import data, distributed, log, train_lib
+from flaxresnet.errors import option_name
 from flaxresnet.models import Classifier, param_dtype
+
+OFF = "off"
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSplit:
+    """A split's examples as backbone features: `features` float (N, F), one row an image; `labels` int32 (N,).
+    Batched like a `data.Split` (`data.Columns`), with 'features' in place of 'image'."""
+
+    features: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if not np.issubdtype(self.features.dtype, np.floating) or self.features.ndim != 2:
+            raise ValueError(f"features must be float (N, F), got {self.features.dtype} {self.features.shape}")
+        if self.labels.dtype != np.int32 or self.labels.shape != self.features.shape[:1]:
+            raise ValueError(f"labels must be int32 ({len(self.features)},), got {self.labels.dtype} "
+                             f"{self.labels.shape}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The per-example arrays under their batch keys."""
+        return {"features": self.features, "label": self.labels}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run's epochs train and evaluate on, chosen once (`plan`).
+
+    Attributes:
+      state: the replicated state the epochs step: the whole one, or with the cache the head's part.
+      train, validation: the dataset's splits, or their cached features.
+      train_step, eval_step: the pmapped steps for them (`train_lib.p_train_step` / `p_eval_step`, or the
+        head-only `p_head_train_step` / `p_head_eval_step`).
+      backbone: with the cache, the replicated backbone variables left out of `state`; None without.
+    """
+
+    state: train_lib.TrainState
+    train: data.Examples
+    validation: data.Examples
+    train_step: Callable[..., Any]
+    eval_step: Callable[..., Any]
+    backbone: train_lib.Variables | None = None
+
+    def whole(self, state: train_lib.TrainState) -> train_lib.TrainState:
+        """A state the epochs stepped as a whole TrainState again (for checkpoints and final.msgpack)."""
+        return state if self.backbone is None else train_lib.join_backbone(state, self.backbone)
+
+
+def plan(setting: str, state: train_lib.TrainState, dataset: data.Dataset, batch_size: int) -> Plan:
+    """The plan for the replicated `state` and `dataset`'s splits: with the cache when `setting` ('auto' or
+    'off') allows it and `why_not` finds no reason against it, the features computed here (a progress bar);
+    says in one line which, and why."""
+    reason = f"{option_name('feature_cache')} {OFF}" if setting == OFF else why_not(state)
+    if reason is not None:
+        hint = "" if setting == OFF else f"; it needs {option_name('freeze')} backbone {option_name('augment')} none"
+        log.say(f"feature cache: off ({reason}{hint})")
+        return Plan(state, dataset.train, dataset.validation, train_lib.p_train_step, train_lib.p_eval_step)
+    head, backbone = train_lib.split_backbone(state)
+    start = time.perf_counter()
+    train, validation = (compute(state.model, backbone, split, batch_size, name)
+                         for split, name in ((dataset.train, "training"), (dataset.validation, "validation")))
+    seconds, images = time.perf_counter() - start, len(train) + len(validation)
+    size = (train.features.nbytes + validation.features.nbytes) / 1e6
+    log.say(f"feature cache: on (backbone frozen and in inference mode, no augmentation): the pooled backbone "
+            f"features of {images:,} images computed once in {seconds:.1f} s ({images / seconds:.0f} img/s), "
+            f"{size:,.1f} MB on the host{' of each process' if jax.process_count() > 1 else ''}; the epochs run "
+            f"the head alone")
+    return Plan(head, train, validation, train_lib.p_head_train_step, train_lib.p_head_eval_step, backbone)
 
 
 def why_not(state: train_lib.TrainState) -> str | None:
@@ -52,7 +131,7 @@ def why_not(state: train_lib.TrainState) -> str | None:
 
 
 def compute(model: Classifier, backbone: train_lib.Variables, split: data.Split | data.StreamSplit,
-            batch_size: int, name: str) -> data.FeatureSplit:
+            batch_size: int, name: str) -> FeatureSplit:
     """`split`'s pooled backbone features (`train_lib.pooled_features`), every example's, on every process.
 
     `backbone`: the replicated backbone variables (`train_lib.split_backbone`). Each process computes its rows of
@@ -84,5 +163,5 @@ def compute(model: Classifier, backbone: train_lib.Variables, split: data.Split 
                     fetch(*pending.pop(0))
         for item in pending:
             fetch(*item)
-    return data.FeatureSplit(distributed.gather_rows(local)[:len(split)],
+    return FeatureSplit(distributed.gather_rows(local)[:len(split)],
                              distributed.gather_rows(labels)[:len(split)])

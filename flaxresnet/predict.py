@@ -24,9 +24,9 @@ import jax
 import numpy as np
 from PIL import Image
 
-from flaxresnet import compile_cache, weights_file
+from flaxresnet import cli, compile_cache, weights_file
 from flaxresnet.data import fit_image
-from flaxresnet.errors import UserError, run_command
+from flaxresnet.errors import UserError
 from flaxresnet.models import ResNet
 from flaxresnet.preprocess import preprocess_input
 
@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a converted file with its ImageNet top, or a fine-tuned classifier (final.msgpack)")
     parser.add_argument("--top", type=int, default=TOP_K, help=f"classes to show per image (default: {TOP_K})")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, ... files of any size")
-    compile_cache.add_flag(parser)
+    cli.add_option(parser, cli.config_field("compile_cache"))
     return parser.parse_args(argv)
 
 
@@ -121,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         if args.top < 1:
-            raise UserError(f"--top must be at least 1, got {args.top}")
+            raise UserError(f"top must be at least 1, got {args.top}", option="top")
         compile_cache.enable(args.compile_cache)
         print(predict(args.weights, args.images, args.top))
 
-    return run_command(run)
+    return cli.run_command(run)
 
 
 if __name__ == "__main__":

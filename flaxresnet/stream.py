@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import multiprocessing.resource_tracker
 import multiprocessing.util
 import os
@@ -78,6 +79,7 @@ def batches(source: Any, indices: np.ndarray, workers: int) -> Iterator[dict[str
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=min(workers, len(indices)), per_worker_buffer_size=READ_AHEAD), worker_init_fn=_init_worker)
         multiprocessing.resource_tracker.ensure_running()  # now: starting it unblocks signals (_signals_blocked)
+        _kill_workers_at_exit()
         guard = _signals_blocked
     with guard():
         iterator = iter(dataset)
@@ -107,15 +109,19 @@ def _signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _kill_workers() -> None:
-    """At exit, before multiprocessing's own exit handler: kill the daemonic worker processes still running (an
-    iterator left unclosed). multiprocessing would SIGTERM them, which workers ignore, and then wait for ever."""
-    for process in multiprocessing.active_children():
-        if process.daemon:
-            process.kill()
+@functools.cache
+def _kill_workers_at_exit() -> None:
+    """Once a process starts workers: at its exit, before multiprocessing's own exit handler, kill the daemonic
+    worker processes still running (an iterator left unclosed). multiprocessing would SIGTERM them, which
+    workers ignore, and then wait for ever. Registered after multiprocessing.util's handler (imported above),
+    so it runs before it."""
 
+    def kill() -> None:
+        for process in multiprocessing.active_children():
+            if process.daemon:
+                process.kill()
 
-atexit.register(_kill_workers)  # after multiprocessing.util's handler (imported above), so it runs before it
+    atexit.register(kill)
 
 
 def _init_worker(index: int, count: int) -> None:

@@ -38,8 +38,9 @@ import optax
 from flax import jax_utils, struct
 
 from flaxresnet import augment as augment_lib
-from flaxresnet import distributed, freeze, optim, trees, weights_file
+from flaxresnet import distributed, freeze, log, optim, trees, weights_file
 from flaxresnet.config import Config
+from flaxresnet.errors import UserError, option_name
 from flaxresnet.models import Classifier, ResNet
 
 AXIS = "batch"
@@ -98,6 +99,21 @@ def build_classifier(config: Config, backbone: ResNet | None = None) -> Classifi
         "depth": backbone.depth, "bn_epsilon": backbone.bn_epsilon, "pool1_pad": backbone.pool1_pad}
     return Classifier(**{**shared, **arch}, backbone_bn_train=freeze.backbone_bn_train(config.freeze),
                       axis_name=AXIS)
+
+
+def load_backbone(path: str | None, depth: int) -> tuple[ResNet, Variables] | None:
+    """`load_converted` of the backbone file `path` for `create_train_state`, or None (saying so) to train a
+    ResNet{depth} from scratch. UserError if the file holds a classifier."""
+    if path is None:
+        log.say(f"no backbone weights ({option_name('backbone_weights')} none): training ResNet{depth} from "
+                f"scratch, randomly initialised")
+        return None
+    model, variables = weights_file.load_converted(path)
+    if not isinstance(model, ResNet):
+        raise UserError(f"{path} is a fine-tuned classifier, not a backbone: pass a file converted with "
+                        f"`python -m convert keras_to_flax`", option="backbone_weights")
+    log.say(f"backbone: ResNet{model.depth} from {path}")
+    return model, variables
 
 
 def create_train_state(config: Config, rng: jax.Array, image_shape: tuple[int, int, int] = (32, 32, 3),

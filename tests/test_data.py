@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks.datasets import prepare_tfds_images
 from data_helpers import mock_tfds, write_image_folder, write_tfds_metadata
-from flaxresnet import data
+from flaxresnet import data, feature_cache
 from flaxresnet.errors import UserError
 
 
@@ -254,7 +254,8 @@ def test_eval_batches():
 
 def test_feature_split_batches_like_its_images():
     split = synthetic_split(40)
-    features = data.FeatureSplit(np.repeat(np.arange(40, dtype=np.float32)[:, None], 3, axis=1), split.labels)
+    features = feature_cache.FeatureSplit(np.repeat(np.arange(40, dtype=np.float32)[:, None], 3, axis=1),
+                                          split.labels)
     pairs = list(zip(data.train_batches(split, 16, seed=0, epoch=3, start=1, rows=slice(8, 16)),
                      data.train_batches(features, 16, seed=0, epoch=3, start=1, rows=slice(8, 16))))
     assert len(pairs) == 1  # 40 // 16 = 2 steps, from the second on
@@ -268,7 +269,7 @@ def test_feature_split_batches_like_its_images():
     np.testing.assert_array_equal(last["features"][:8], features.features[32:])
     assert not last["features"][8:].any() and not last["label"][8:].any()
     with pytest.raises(ValueError, match="features must be float"):
-        data.FeatureSplit(np.zeros((40, 3), np.uint8), split.labels)
+        feature_cache.FeatureSplit(np.zeros((40, 3), np.uint8), split.labels)
 
 
 def test_shard():

@@ -10,7 +10,7 @@ from PIL import Image
 from flaxresnet import data, train_lib, weights_file
 from flaxresnet.config import Config
 from flaxresnet.evaluate import main
-from flaxresnet.loop import evaluate
+from flaxresnet.evaluation import evaluate
 from flaxresnet.models import Classifier
 from engine_helpers import random_backbone
 

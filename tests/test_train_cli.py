@@ -27,9 +27,10 @@ import pytest
 from flax import traverse_util
 from tensorboardX.proto import event_pb2
 
-from flaxresnet import checkpoints, data, load_converted, loop, tensorboard, train_lib, weights_file
+from flaxresnet import (checkpoints, cli, data, evaluation, load_converted, rundir, tensorboard, train_lib,
+                        weights_file)
 from flaxresnet.config import Config
-from flaxresnet.errors import UserError
+from flaxresnet.errors import UserError, spelled_as
 from flaxresnet.models import Classifier
 from data_helpers import mock_tfds, write_image_folder
 from engine_helpers import random_backbone
@@ -120,7 +121,7 @@ def test_cifar100_extended_run_equals_uninterrupted_and_final_file_predicts(tmp_
     logits = jax.jit(lambda x: model.apply(variables, x))(ds.validation.images)
     assert logits.shape == (EXAMPLES, 100)
     # The evaluation command's numbers on the final file are the loop's final validation numbers.
-    result = loop.evaluate(model, train_lib.replicate(variables), ds.validation, 8)
+    result = evaluation.evaluate(model, train_lib.replicate(variables), ds.validation, 8)
     last = rows(split)[-1]
     assert (result.loss, result.accuracy, result.top5) == (last["val_loss"], last["val_accuracy"],
                                                           last["val_top5"])
@@ -443,8 +444,8 @@ def test_resume_checks_the_settings(tmp_path, changes, message, mid_epoch):
     checkpoint = checkpoints.Checkpoint(tmp_path / "checkpoints" / "30", 30, meta)
     config = Config(**{**saved.to_dict(), "num_classes": 100, **changes})
     if message is None:
-        loop.check_resumable(checkpoint, config)
+        rundir.check_resumable(checkpoint, config)
     else:
-        with pytest.raises(UserError) as e:
-            loop.check_resumable(checkpoint, config)
+        with pytest.raises(UserError) as e, spelled_as(cli.flag):  # as train.py names the options
+            rundir.check_resumable(checkpoint, config)
         assert str(e.value).startswith(f"{tmp_path} holds a run") and message in str(e.value)
