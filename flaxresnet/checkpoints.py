@@ -10,11 +10,23 @@ The step says where in the data the run stands (epoch and batch follow from it),
 
 Saving returns once the arrays are copied off the devices; the files are written in a background thread while
 training goes on. Every process of a run calls every method, in the same order (orbax synchronises them).
+A checkpoint the file system refuses (no space, quota, no permission, read-only) is a UserError saying what it
+needed and that the last complete one is intact, raised by the next call that waits for it (`save`, `wait`,
+`close`); orbax's logged tracebacks of that refusal are dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +101,21 @@ class Checkpoint:
 
 class Checkpoints:
     """The checkpoints of one run in `directory` (created on the first save), the newest `keep` kept;
-    `asynchronous=False` writes before `save` returns."""
+    `asynchronous=False` writes before `save` returns. A save's leftovers (a refused or killed one) are removed
+    when the next run opens the folder."""
 
     def __init__(self, directory: str | Path, keep: int = KEEP, asynchronous: bool = True) -> None:
         self.directory = Path(directory).absolute()
+        logging.getLogger("absl").addFilter(_drop_refusals)
+        if sys.unraisablehook is not _drop_late_callbacks:
+            global _unraisablehook
+            _unraisablehook, sys.unraisablehook = sys.unraisablehook, _drop_late_callbacks
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=asynchronous, create=False),  # saving creates it
+                max_to_keep=keep, enable_async_checkpointing=asynchronous, create=False,  # saving creates it
+                cleanup_tmp_directories=True),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        self._pending: tuple[int, int] | None = None  # (step, bytes) of the save being written
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
@@ -129,12 +148,18 @@ class Checkpoints:
     def save(self, step: int, state: Any, meta: Meta) -> None:
         """Checkpoint a replicated TrainState (`train_lib.replicate`, or `p_train_step`'s output) as `step`,
         replacing one of the same step (a stop's, taken before its epoch's evaluation)."""
-        if step in self._manager.all_steps():
-            self._manager.wait_until_finished()
-            self._manager.delete(step)
-        arrays = jax.tree.map(_global_copy, serialization.to_state_dict(state))
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
-                                                         meta=ocp.args.JsonSave(meta.to_json())), force=True)
+        with self._refusals():
+            self._manager.wait_until_finished()  # the previous save's refusal is its own
+            if step in self._manager.all_steps():
+                self._manager.delete(step)
+            arrays = jax.tree.map(_global_copy, serialization.to_state_dict(state))
+            self._pending = step, state_bytes(arrays)
+            # A folder orbax cannot create leaves its writer threads waiting for it (for 10 minutes): refused
+            # here, before they start.
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.directory).close()
+            self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
+                                                             meta=ocp.args.JsonSave(meta.to_json())), force=True)
 
     def restore(self, checkpoint: Checkpoint, target: Any) -> Any:
         """The (unreplicated, host) TrainState of `checkpoint`; `target` gives its structure, shapes and dtypes
@@ -161,11 +186,99 @@ class Checkpoints:
 
     def wait(self) -> None:
         """Block until every save has been written."""
-        self._manager.wait_until_finished()
+        with self._refusals():
+            self._manager.wait_until_finished()
+        self._pending = None
 
     def close(self) -> None:
         """Finish writing and release the manager's threads."""
-        self._manager.close()
+        with self._refusals():
+            self._manager.close()
+        self._pending = None
+
+    @contextlib.contextmanager
+    def _refusals(self) -> Iterator[None]:
+        """The file system refusing the pending save as one UserError (reported once; what else fails raises)."""
+        try:
+            yield
+        except Exception as e:
+            reason = refusal(e)
+            if reason is None:
+                raise
+            if self._pending is None:  # reported already
+                return
+            (step, needed), self._pending = self._pending, None
+            self._manager.reload()
+            complete = [s for s in self._manager.all_steps() if s != step]
+            intact = (f"the last complete checkpoint (step {max(complete)}) is intact and a rerun of the same "
+                      f"command resumes from it" if complete else "no checkpoint is complete yet: a rerun starts over")
+            raise UserError(f"the checkpoint of step {step} could not be written to {self.directory} ({reason}): it "
+                            f"needs {_megabytes(needed)}, {_megabytes(free_bytes(self.directory))} are free; {intact}"
+                            f" once the folder has room and can be written") from e
+
+
+# errno values by which a file system refuses a write the user can make room or permission for.
+_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def refusal(error: BaseException) -> str | None:
+    """Why the file system refused a write (e.g. 'No space left on device'), if `error` or what it was raised
+    from is such a refusal: an OSError, or tensorstore's error naming the errno ("[os_error_code='28']")."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        code = error.errno if isinstance(error, OSError) else None
+        if code is None and (found := re.search(r"\[os_error_code='(\d+)'\]", str(error))):
+            code = int(found[1])
+        if code in _REFUSED:
+            return os.strerror(code)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _drop_refusals(record: logging.LogRecord) -> bool:
+    """A logging filter: orbax logs a refused save with its traceback from each of its threads (the refusal
+    reaches the run as `Checkpoints`' UserError)."""
+    return not (record.exc_info and record.exc_info[1] is not None and refusal(record.exc_info[1]) is not None
+                or "os_error_code=" in record.getMessage())
+
+
+_unraisablehook = sys.unraisablehook  # the hook `_drop_late_callbacks` hands everything else to
+
+
+def _drop_late_callbacks(unraisable: Any) -> None:
+    """sys.unraisablehook: after a refused save, tensorstore completes the writes still in flight on orbax's
+    closed event loop, one unraisable 'Event loop is closed' each (hundreds); those are dropped."""
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        _unraisablehook(unraisable)
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the arrays of an unreplicated `state` (or of one as `save` writes it): about what a checkpoint
+    takes on disk."""
+    return sum(leaf.nbytes if hasattr(leaf, "nbytes") else np.asarray(leaf).nbytes
+               for leaf in jax.tree.leaves(state))
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes free to this user on the file system that holds `directory` (or would hold it)."""
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    return shutil.disk_usage(directory).free
+
+
+def room_warning(directory: Path, checkpoint_bytes: int, keep: int = KEEP) -> str | None:
+    """A warning when the file system of `directory` has less room than the `keep` + 1 checkpoints of
+    `checkpoint_bytes` a run holds at once (a new one is written before the oldest goes), else None."""
+    free = free_bytes(directory)
+    if free >= (keep + 1) * checkpoint_bytes:
+        return None
+    return (f"warning: {directory} has {_megabytes(free)} free, less than the {keep + 1} checkpoints of "
+            f"{_megabytes(checkpoint_bytes)} a run holds at once: a checkpoint that does not fit stops the run")
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
 
 
 def _global_copy(replicated: jax.Array) -> jax.Array:

@@ -19,6 +19,7 @@ import jax
 
 from flaxresnet import augment as augment_lib
 from flaxresnet import compile_cache as compile_cache_lib
+from flaxresnet import distributed
 from flaxresnet import freeze
 from flaxresnet.errors import UserError
 from flaxresnet.models import HEADS, STAGE_BLOCKS
@@ -168,7 +169,10 @@ class Config:
     coordinator: str | None = option(
         None, "multi-process run: HOST:PORT of process 0 (every process gives the same), or 'auto' to detect "
               "the cluster (SLURM, Open MPI, TPU pod slice, ...) (default: one process)",
-        metavar="HOST:PORT|auto", local=True)
+        check=distributed.check_coordinator, metavar="HOST:PORT|auto", local=True)
+    coordinator_timeout: int = option(
+        distributed.TIMEOUT, "multi-process run: seconds to wait for process 0 to answer and for every process "
+                             "to join", check=_positive, metavar="SECONDS", local=True)
     num_processes: int | None = option(None, "multi-process run: the number of processes (with --coordinator)",
                                        check=_positive_or_none, metavar="N", local=True)
     process_id: int | None = option(None, "multi-process run: this process's id, 0 to N-1 (with --coordinator)",

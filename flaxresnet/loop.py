@@ -69,7 +69,7 @@ def train_and_evaluate(config: Config) -> Row:
     SIGTERM or Ctrl-C while training raises Preempted once a checkpoint is saved.
     """
     compile_cache.enable(config.compile_cache)
-    distributed.initialize(config.coordinator, config.num_processes, config.process_id)
+    distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.coordinator_timeout)
     distributed.check_batch_size(config.batch_size)
     config, workdir = rundir.open_workdir(config)
     backbone = train_lib.load_backbone(config.backbone_weights, config.depth)
@@ -94,6 +94,8 @@ def _run(config: Config, workdir: Path, backbone: tuple[Any, train_lib.Variables
     if distributed.is_main():
         workdir.mkdir(parents=True, exist_ok=True)
     state, history, done, seconds = rundir.start(workdir, store, resume, new_state, steps)
+    if warning := checkpoints.room_warning(store.directory, checkpoints.state_bytes(state)):
+        log.say(warning)
     log.say(freeze.format_counts(freeze.parameter_counts(state.variables(), state.settings.frozen)))
     if distributed.is_main():
         rundir.write_config(workdir, config)

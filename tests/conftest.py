@@ -3,6 +3,7 @@ cache folder, and JAX's compilation cache settings do not leak from one test int
 
 import os
 import shutil
+import subprocess
 import tempfile
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -13,7 +14,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 USER_CACHE = tempfile.mkdtemp(prefix="flaxresnet-tests-cache-")
 os.environ["XDG_CACHE_HOME"] = USER_CACHE
 
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -34,3 +36,26 @@ def compilation_cache_settings() -> Iterator[None]:
     before = compile_cache.settings()
     yield
     compile_cache.apply(before)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Callable[[int], Path]]:
+    """A factory of tmpfs mounts of N MB under tmp_path (to fill a disk); the test is skipped where it cannot
+    mount one (not root, or no mount permission in the container). Every mount is removed after the test."""
+    mounts: list[Path] = []
+
+    def mount(megabytes: int) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs to fill needs root")
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounts):
+        subprocess.run(["umount", "-l", str(path)], check=True)

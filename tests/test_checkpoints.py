@@ -3,7 +3,11 @@ newest kept, one checkpoint per step, and each unusable checkpoint as one UserEr
 
 from __future__ import annotations
 
+import errno
+import logging
+import re
 import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -114,3 +118,61 @@ def test_state_of_another_run(tmp_path):
                             f"bfloat16, expected float32; params/dense/kernel: shape (3, 4), expected (3, 5); "
                             f"delete it to start the run over, or use a fresh work folder")
     store.close()
+
+
+def test_refusal_is_found_through_the_cause_chain():
+    assert checkpoints.refusal(OSError(errno.ENOSPC, "full")) == "No space left on device"
+    try:
+        try:
+            raise ValueError("RESOURCE_EXHAUSTED: Failed to write 907955 bytes to file 4: Disk quota exceeded "
+                             "[os_error_code='122']")
+        except ValueError as e:
+            raise RuntimeError("save failed") from e
+    except RuntimeError as e:
+        assert checkpoints.refusal(e) == "Disk quota exceeded"
+    assert checkpoints.refusal(ValueError("not found [os_error_code='2']")) is None
+    assert checkpoints.refusal(OSError(errno.EIO, "i/o")) is None
+
+
+def test_room_warning(tmp_path):
+    free = checkpoints.free_bytes(tmp_path / "not" / "yet")  # of the folder that would hold it
+    assert checkpoints.room_warning(tmp_path, free // (checkpoints.KEEP + 1)) is None
+    assert checkpoints.room_warning(tmp_path, free // checkpoints.KEEP + 1) == (
+        f"warning: {tmp_path} has {free / 1e6:.1f} MB free, less than the {checkpoints.KEEP + 1} checkpoints of "
+        f"{(free // checkpoints.KEEP + 1) / 1e6:.1f} MB a run holds at once: a checkpoint that does not fit stops "
+        f"the run")
+
+
+BIG = {"w": np.random.default_rng(0).normal(size=(256, 1024)).astype(np.float32)}  # 1 MB that does not compress
+
+
+def save_until_refused(store: checkpoints.Checkpoints, steps) -> str:
+    with pytest.raises(UserError) as refused:
+        for step in steps:
+            store.save(step, train_lib.replicate(BIG), META)
+        store.wait()
+    store.close()  # reported once: closing does not raise it again
+    return str(refused.value)
+
+
+def test_a_full_disk_is_one_error_and_the_last_checkpoint_stays(small_disk, caplog):
+    store = checkpoints.Checkpoints(small_disk(3) / "ckpt")
+    message = save_until_refused(store, range(1, 6))
+    assert re.fullmatch(
+        rf"the checkpoint of step 4 could not be written to {store.directory} \(No space left on device\): it needs "
+        r"1\.0 MB, 0\.\d MB are free; the last complete checkpoint \(step 3\) is intact and a rerun of the same "
+        r"command resumes from it once the folder has room and can be written", message), message
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # orbax's tracebacks of it are dropped
+    reopened = checkpoints.Checkpoints(store.directory)
+    assert reopened.steps() == [1, 2, 3] and reopened.latest().step == 3
+    assert np.array_equal(reopened.restore(reopened.latest(), jax.eval_shape(lambda: BIG))["w"], BIG["w"])
+
+
+def test_a_read_only_folder_is_one_error(small_disk):
+    disk = small_disk(8)
+    store = saved(disk / "ckpt")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    message = save_until_refused(store, [8])
+    assert message.startswith(f"the checkpoint of step 8 could not be written to {store.directory} (Read-only file "
+                              f"system): it needs 1.0 MB")
+    assert "the last complete checkpoint (step 7) is intact" in message

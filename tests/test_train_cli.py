@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -449,3 +450,23 @@ def test_resume_checks_the_settings(tmp_path, changes, message, mid_epoch):
         with pytest.raises(UserError) as e, spelled_as(cli.flag):  # as train.py names the options
             rundir.check_resumable(checkpoint, config)
         assert str(e.value).startswith(f"{tmp_path} holds a run") and message in str(e.value)
+
+
+def test_a_full_disk_stops_the_run_in_one_line(tmp_path, backbone_file, small_disk):
+    """150 MB: the first checkpoint (~100 MB, step 15) fits, the second does not; the first stays resumable."""
+    workdir = small_disk(150) / "run"
+    done = subprocess.run([sys.executable, "train.py", "--backbone-weights", backbone_file, "--dataset", "digits",
+                           "--image-size", "none", "--batch-size", "32", "--epochs", "2", "--freeze", "backbone",
+                           "--augment", "cutout,flip", "--cutout-size", "3", "--checkpoint-every", "15",
+                           "--workdir", workdir], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.search(rf"^warning: {workdir / 'checkpoints'} has 15\d\.\d MB free, less than the 4 checkpoints of "
+                     r"10\d\.\d MB a run holds at once: a checkpoint that does not fit stops the run$", done.stdout,
+                     re.MULTILINE), done.stdout
+    assert re.fullmatch(
+        rf"error: the checkpoint of step 30 could not be written to {workdir / 'checkpoints'} \(No space left on "
+        r"device\): it needs 10\d\.\d MB, \d+\.\d MB are free; the last complete checkpoint \(step 15\) is intact "
+        r"and a rerun of the same command resumes from it once the folder has room and can be written\n",
+        done.stderr), done.stderr[-3000:]
+    store = checkpoints.Checkpoints(workdir / "checkpoints")  # opening it removes the refused save's leftovers
+    assert store.latest().step == 15 and sorted(p.name for p in store.directory.iterdir()) == ["15"]
