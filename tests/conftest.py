@@ -21,10 +21,6 @@ import pytest  # noqa: E402
 
 from flaxresnet import compile_cache  # noqa: E402
 
-# This process compiles into the same session cache as the commands it starts: a program that two tests build
-# from different Python objects (a new model, a new step partial) is compiled by XLA once.
-compile_cache.enable(compile_cache.DEFAULT)
-
 
 @pytest.fixture(scope="session", autouse=True)
 def user_cache_folder() -> Iterator[str]:
