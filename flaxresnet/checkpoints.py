@@ -101,8 +101,8 @@ class Checkpoint:
 
 class Checkpoints:
     """The checkpoints of one run in `directory` (created on the first save), the newest `keep` kept;
-    `asynchronous=False` writes before `save` returns. A save's leftovers (a refused or killed one) are removed
-    when the next run opens the folder."""
+    `asynchronous=False` writes before `save` returns. A save's leftovers (a refused or killed one) are never
+    taken for a checkpoint; orbax cleans them up when a later run opens the folder."""
 
     def __init__(self, directory: str | Path, keep: int = KEEP, asynchronous: bool = True) -> None:
         self.directory = Path(directory).absolute()
