@@ -101,8 +101,8 @@ class Checkpoint:
 
 class Checkpoints:
     """The checkpoints of one run in `directory` (created on the first save), the newest `keep` kept;
-    `asynchronous=False` writes before `save` returns. A save's leftovers (a refused or killed one) are never
-    taken for a checkpoint; orbax cleans them up when a later run opens the folder."""
+    `asynchronous=False` writes before `save` returns. A save's leftovers (a refused or killed one,
+    `<step>.orbax-checkpoint-tmp`) are never taken for a checkpoint."""
 
     def __init__(self, directory: str | Path, keep: int = KEEP, asynchronous: bool = True) -> None:
         self.directory = Path(directory).absolute()
@@ -112,8 +112,7 @@ class Checkpoints:
             _unraisablehook, sys.unraisablehook = sys.unraisablehook, _drop_late_callbacks
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=asynchronous, create=False,  # saving creates it
-                cleanup_tmp_directories=True),
+                max_to_keep=keep, enable_async_checkpointing=asynchronous, create=False),  # saving creates it
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
         self._pending: tuple[int, int] | None = None  # (step, bytes) of the save being written
 
