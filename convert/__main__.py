@@ -16,7 +16,8 @@ from flaxresnet.cli import run_command
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    k2f = sub.add_parser("keras_to_flax", help="convert a Keras ResNet50/101/152 weights file to flaxresnet")
+    k2f = sub.add_parser("keras_to_flax", help="convert a Keras ResNet50/101/152 or ResNet50V2/101V2/152V2 weights "
+                                               "file to flaxresnet")
     k2f.add_argument("--weights", default="imagenet",
                      help="'imagenet' (download the official file, cached in ~/.keras/models) or a path to a "
                           "Keras .h5 / .weights.h5 / .keras file (default: imagenet)")
@@ -24,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     k2f.add_argument("--depth", type=int, choices=(50, 101, 152), default=50,
                      help="with --weights imagenet: which official file (default: 50); a file's own depth is "
                           "detected")
+    k2f.add_argument("--family", choices=("v1", "v2"), default="v1",
+                     help="with --weights imagenet: ResNet v1 (ResNet50/101/152, default) or v2 "
+                          "(ResNet50V2/101V2/152V2); a file's own family is detected")
     k2f.add_argument("--include-top", action="store_true",
                      help="with --weights imagenet: the file with the 1000-class classifier")
     k2f.add_argument("--pool1-pad", type=int, choices=(0, 1), default=1,
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             from convert.keras_to_flax import keras_to_flax
 
             print(keras_to_flax(args.weights, args.out, depth=args.depth, include_top=args.include_top,
-                                pool1_pad=args.pool1_pad))
+                                pool1_pad=args.pool1_pad, family=args.family))
         elif args.command == "flax_to_keras":
             from convert.flax_to_keras import flax_to_keras
 

@@ -1,8 +1,8 @@
 """flaxresnet weights file -> Keras (the `flax_to_keras` command's library function).
 
-- A backbone (model kind 'resnet': a converted file, with or without its top) becomes a legacy Keras weights
-  `.h5` in the layout of the official keras-applications files, which
-  `keras.applications.ResNet{50,101,152}(weights=OUT, include_top=...)` loads (tested with Keras 3; the
+- A backbone (model kind 'resnet' or 'resnet_v2': a converted file, with or without its top) becomes a legacy
+  Keras weights `.h5` in the layout of the official keras-applications files, which
+  `keras.applications.ResNet{50,101,152}[V2](weights=OUT, include_top=...)` loads (tested with Keras 3; the
   layout is the one tf.keras 2 reads the official files in). Keras matches such a file's layers to the
   model's by order, so `layer_names` lists the weighted layers in keras.applications `model.layers` order;
   datasets sit at `conv1_conv/conv1_conv/kernel:0` as Keras 2 wrote them. Written with h5py alone: no Keras
@@ -36,7 +36,8 @@ import numpy as np
 from convert import naming
 from flaxresnet import weights_file
 from flaxresnet.errors import UserError
-from flaxresnet.models import BN_MOMENTUM, HEAD_BN_EPSILON, KERAS_BN_EPSILON, Classifier, ResNet
+from flaxresnet.models import (BN_MOMENTUM, HEAD_BN_EPSILON, KERAS_BN_EPSILON, Classifier, KerasResNet,
+                               ResNetV2)
 from flaxresnet.preprocess import CAFFE_MEAN_BGR
 
 # What the weights file header says: a Keras 2 legacy file of the TensorFlow (channels-last) layout, so that no
@@ -73,8 +74,8 @@ def flax_to_keras(weights: str, out: str | None = None) -> Summary:
     suffix = ".keras" if isinstance(model, Classifier) else ".h5"
     out = str(Path(weights).with_suffix(suffix)) if out is None else out
     _check_exportable(model, weights, out)
-    arch = f"ResNet{model.depth}"
-    if isinstance(model, ResNet):
+    arch = f"ResNet{model.depth}{'V2' if isinstance(model, ResNetV2) else ''}"
+    if isinstance(model, KerasResNet):
         layers = naming.keras_weights(variables)
         weights_file.atomic_write(out, lambda f: _write_legacy_h5(f, layers), mode="w+b")
         top = f"top with {model.num_classes} classes" if model.include_top else "no top"
@@ -94,9 +95,10 @@ def flax_to_keras(weights: str, out: str | None = None) -> Summary:
                    time.perf_counter() - start)
 
 
-def _check_exportable(model: ResNet | Classifier, weights: str, out: str) -> None:
+def _check_exportable(model: KerasResNet | Classifier, weights: str, out: str) -> None:
     """UserError for a v0.2-origin backbone or an output name Keras would read as another format."""
-    if model.bn_epsilon != KERAS_BN_EPSILON or model.pool1_pad != 1:
+    if model.bn_epsilon != KERAS_BN_EPSILON or getattr(model, "pool1_pad", 1) != 1:  # ResNetV2: always Keras'
+
         raise UserError(f"{weights} holds a backbone from the old v0.2 ResNet50 file (BN epsilon "
                         f"{model.bn_epsilon}, pool1 padding {model.pool1_pad}): keras.applications models use "
                         f"epsilon {KERAS_BN_EPSILON} and padding 1 and would compute different outputs, so it "

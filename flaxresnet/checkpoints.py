@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
-from flaxresnet import trees
+from flaxresnet import train_lib, trees
 from flaxresnet.config import Config
 from flaxresnet.errors import UserError
 
@@ -151,7 +151,7 @@ class Checkpoints:
             self._manager.wait_until_finished()  # the previous save's refusal is its own
             if step in self._manager.all_steps():
                 self._manager.delete(step)
-            arrays = jax.tree.map(_global_copy, serialization.to_state_dict(state))
+            arrays = serialization.to_state_dict(train_lib.unreplicate(state))  # process 0 writes host arrays
             self._pending = step, state_bytes(arrays)
             # A folder orbax cannot create leaves its writer threads waiting for it (for 10 minutes): refused
             # here, before they start.
@@ -278,17 +278,6 @@ def room_warning(directory: Path, checkpoint_bytes: int, keep: int = KEEP) -> st
 
 def _megabytes(count: int) -> str:
     return f"{count / 1e6:.1f} MB"
-
-
-def _global_copy(replicated: jax.Array) -> jax.Array:
-    """A replicated pmap array, shaped (local devices, ...), as one array replicated over the devices of all
-    processes, which orbax writes once. (`ocp.utils.fully_replicated_host_local_array_to_global_array` keeps the
-    device axis when a process has one device.)"""
-    shape = replicated.shape[1:]
-    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("devices",)),
-                                          jax.sharding.PartitionSpec())
-    return jax.make_array_from_single_device_arrays(
-        shape, sharding, [shard.data.reshape(shape) for shard in replicated.addressable_shards])
 
 
 def _reason(error: Exception) -> str:

@@ -25,9 +25,8 @@ OFF = "off"
 DEFAULT = "default"
 # Compilations of at least this many seconds are written to the cache: all of them. JAX's default, 1 s, keeps
 # the few big programs (train and evaluation steps, initialisation: seconds to minutes each) but none of the
-# ~130 small ones a run also compiles (replicating, sharding, squeezing metrics: 10-150 ms each), which then
-# make up most of a cached start: in a warm digits run (benchmarks/compile_cache.py, 2 busy CPU cores)
-# compiling or loading took 4.1 s in all at 1 s and 1.7 s at 0. The small entries take ~2 kB each.
+# ~15 small ones a run also compiles (sharding batches, metrics: 10-150 ms each), which would then be compiled
+# at every start. The small entries take ~2 kB each.
 MIN_COMPILE_TIME_S = 0.0
 
 

@@ -1,4 +1,4 @@
-"""Keras-exact ResNet v1 (50/101/152) in Flax linen.
+"""Keras-exact ResNet v1 (50/101/152) and v2 (50V2/101V2/152V2) in Flax linen.
 
 Every submodule is named exactly after the Keras layer it mirrors (`conv1_conv`, `conv2_block1_0_conv`, ...,
 `predictions`), so converting Keras weights is a rename plus checks, and a reader finds any tensor in both
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -84,8 +84,50 @@ class BatchNorm(nn.Module):
         return mean if self.axis_name is None else jax.lax.pmean(mean, self.axis_name)
 
 
-class ResNet(nn.Module):
-    """ResNet v1 with Keras layer names.
+class KerasResNet(nn.Module):
+    """What both ResNet families share: the builders of their Keras layers (Conv2D with its ZeroPadding2D made
+    explicit, BatchNormalization), the stem's max pool and the top, from the subclass's `depth`, `include_top`,
+    `num_classes`, `bn_epsilon`, `axis_name` and `dtype`; and the keras.applications `preprocess_input` mode
+    its inputs take (`preprocess`)."""
+
+    preprocess: ClassVar[str]
+
+    def _conv(self, features: int, kernel: int, stride: int, pad: int, name: str,
+              use_bias: bool = True) -> nn.Conv:
+        return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                       use_bias=use_bias, dtype=self.dtype, param_dtype=param_dtype(self.dtype), name=name)
+
+    def _bn(self, train: bool, name: str) -> BatchNorm:
+        return BatchNorm(use_running_average=not train, epsilon=self.bn_epsilon,
+                         axis_name=self.axis_name if train else None, dtype=self.dtype, name=name)
+
+    def _input(self, x: jnp.ndarray) -> jnp.ndarray:
+        """`x` in the compute dtype, after checking the depth and (through `param_dtype`) the dtype."""
+        if self.depth not in STAGE_BLOCKS:
+            raise ValueError(f"depth must be one of {sorted(STAGE_BLOCKS)}, got {self.depth}")
+        param_dtype(self.dtype)  # refuses float64 without 64-bit JAX
+        return jnp.asarray(x, self.dtype)
+
+    def _pool1(self, x: jnp.ndarray, pad: int) -> jnp.ndarray:
+        """`pool1_pad` (zero padding) and `pool1_pool` (3x3 max pool, stride 2), sown as 'pool1_pool'."""
+        x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        self.sow("intermediates", "pool1_pool", x)
+        return x
+
+    def _top(self, x: jnp.ndarray) -> jnp.ndarray:
+        """The output in `param_dtype(dtype)`: the feature map, or with `include_top` the `predictions` logits of
+        its global average."""
+        wide = param_dtype(self.dtype)
+        if not self.include_top:
+            return x.astype(wide)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=wide, name="predictions")(x)
+        return x.astype(wide)
+
+
+class ResNet(KerasResNet):
+    """ResNet v1 with Keras layer names; inputs preprocessed in 'caffe' mode.
 
     Attributes:
       depth: 50, 101 or 152.
@@ -107,13 +149,7 @@ class ResNet(nn.Module):
     axis_name: str | None = None
     dtype: Any = jnp.float32
 
-    def _conv(self, features: int, kernel: int, stride: int, pad: int, name: str) -> nn.Conv:
-        return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                       use_bias=True, dtype=self.dtype, param_dtype=param_dtype(self.dtype), name=name)
-
-    def _bn(self, train: bool, name: str) -> BatchNorm:
-        return BatchNorm(use_running_average=not train, epsilon=self.bn_epsilon,
-                         axis_name=self.axis_name if train else None, dtype=self.dtype, name=name)
+    preprocess: ClassVar[str] = "caffe"
 
     def _block(self, x: jnp.ndarray, filters: int, stride: int, shortcut_conv: bool, name: str,
                train: bool) -> jnp.ndarray:
@@ -137,24 +173,15 @@ class ResNet(nn.Module):
         `train=True` runs BatchNorm on batch statistics and updates `batch_stats` (make it mutable).
         Block outputs are sown into the `intermediates` collection under their Keras names.
         """
-        if self.depth not in STAGE_BLOCKS:
-            raise ValueError(f"depth must be one of {sorted(STAGE_BLOCKS)}, got {self.depth}")
-        wide = param_dtype(self.dtype)  # first: it refuses float64 without 64-bit JAX
-        x = jnp.asarray(x, self.dtype)
+        x = self._input(x)
         x = nn.relu(self._bn(train, "conv1_bn")(self._conv(64, 7, 2, 3, "conv1_conv")(x)))
         self.sow("intermediates", "conv1_relu", x)
-        p = self.pool1_pad
-        x = nn.max_pool(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))), (3, 3), strides=(2, 2), padding="VALID")
-        self.sow("intermediates", "pool1_pool", x)
+        x = self._pool1(x, self.pool1_pad)
         for stage, (blocks, filters) in enumerate(zip(STAGE_BLOCKS[self.depth], STAGE_FILTERS), start=2):
             for block in range(1, blocks + 1):
                 stride = 2 if block == 1 and stage > 2 else 1
                 x = self._block(x, filters, stride, block == 1, f"conv{stage}_block{block}", train)
-        if not self.include_top:
-            return x.astype(wide)
-        x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=wide, name="predictions")(x)
-        return x.astype(wide)
+        return self._top(x)
 
 
 def ResNet50(**kwargs: Any) -> ResNet:
@@ -172,8 +199,77 @@ def ResNet152(**kwargs: Any) -> ResNet:
     return ResNet(depth=152, **kwargs)
 
 
+class ResNetV2(KerasResNet):
+    """ResNet v2 (pre-activation) with Keras layer names, as keras.applications' `ResNet50V2` computes it (its
+    `resnet.residual_block_v2` and `stack_residual_blocks_v2`); inputs preprocessed in 'tf' mode.
+
+    The stem is `conv1_conv` (7x7/2, bias; padding `conv1_pad`) and the stem max pool, without BN or ReLU; each
+    block pre-activates its input (`{n}_preact_bn`, relu), which the stack's first block also feeds to its
+    shortcut `{n}_0_conv` (1x1, bias), while the others pass their input on (through a 1x1 max pool of the
+    block's stride: a subsampling); the branch is `{n}_1_conv` (1x1, no bias) / `_1_bn` / relu, `{n}_2_conv`
+    (3x3 of the block's stride, no bias; padding `{n}_2_pad`) / `_2_bn` / relu, `{n}_3_conv` (1x1, bias), added
+    to the shortcut. The stride sits on the last block of conv2..conv4 (conv5 keeps its size); the blocks end in
+    `post_bn`, relu (sown as 'post_relu'). BN epsilon 1.001e-5 everywhere.
+
+    Attributes: `depth`, `include_top`, `num_classes`, `axis_name` and `dtype`, as in `ResNet`.
+    """
+
+    depth: int = 50
+    include_top: bool = False
+    num_classes: int = 1000
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    preprocess: ClassVar[str] = "tf"
+    bn_epsilon: ClassVar[float] = KERAS_BN_EPSILON
+
+    def _block(self, x: jnp.ndarray, filters: int, stride: int, shortcut_conv: bool, name: str,
+               train: bool) -> jnp.ndarray:
+        """One pre-activation bottleneck block; the stride sits on the 3x3 conv and the shortcut."""
+        preact = nn.relu(self._bn(train, f"{name}_preact_bn")(x))
+        if shortcut_conv:
+            shortcut = self._conv(4 * filters, 1, stride, 0, f"{name}_0_conv")(preact)
+        elif stride > 1:  # Keras' MaxPooling2D(1, strides=stride)
+            shortcut = nn.max_pool(x, (1, 1), strides=(stride, stride), padding="VALID")
+        else:
+            shortcut = x
+        y = nn.relu(self._bn(train, f"{name}_1_bn")(self._conv(filters, 1, 1, 0, f"{name}_1_conv", False)(preact)))
+        y = nn.relu(self._bn(train, f"{name}_2_bn")(self._conv(filters, 3, stride, 1, f"{name}_2_conv", False)(y)))
+        out = shortcut + self._conv(4 * filters, 1, 1, 0, f"{name}_3_conv")(y)
+        self.sow("intermediates", f"{name}_out", out)
+        return out
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """Map 'tf'-preprocessed images (N, H, W, 3) to features (`post_relu`) or logits; `train` and the
+        `intermediates` as in `ResNet`."""
+        x = self._pool1(self._conv(64, 7, 2, 3, "conv1_conv")(self._input(x)), 1)
+        for stage, (blocks, filters) in enumerate(zip(STAGE_BLOCKS[self.depth], STAGE_FILTERS), start=2):
+            for block in range(1, blocks + 1):
+                stride = 2 if block == blocks and stage < 5 else 1
+                x = self._block(x, filters, stride, block == 1, f"conv{stage}_block{block}", train)
+        x = nn.relu(self._bn(train, "post_bn")(x))
+        self.sow("intermediates", "post_relu", x)
+        return self._top(x)
+
+
+def ResNet50V2(**kwargs: Any) -> ResNetV2:
+    """ResNet50V2 with Keras layer names; see `ResNetV2` for the options."""
+    return ResNetV2(depth=50, **kwargs)
+
+
+def ResNet101V2(**kwargs: Any) -> ResNetV2:
+    """ResNet101V2 with Keras layer names; see `ResNetV2` for the options."""
+    return ResNetV2(depth=101, **kwargs)
+
+
+def ResNet152V2(**kwargs: Any) -> ResNetV2:
+    """ResNet152V2 with Keras layer names; see `ResNetV2` for the options."""
+    return ResNetV2(depth=152, **kwargs)
+
+
 # Model kinds a weights file can name in its metadata (see weights_file.build_model).
-MODEL_KINDS: dict[str, type[nn.Module]] = {"resnet": ResNet}
+MODEL_KINDS: dict[str, type[nn.Module]] = {"resnet": ResNet, "resnet_v2": ResNetV2}
 
 
 def global_average_pool(features: jnp.ndarray) -> jnp.ndarray:

@@ -6,7 +6,7 @@ metadata `class_names`, else class indices). Images are any file pillow decodes 
 converted to RGB and resized bilinearly to the model's input size, aspect ratio not kept (as the image-folder
 datasets are; Keras' `load_img(target_size=...)` defaults to nearest instead, so a Keras script doing that
 gets slightly different probabilities). The input size is `metadata["image_size"]` (224) for an ImageNet
-file, whose images then get Keras' caffe `preprocess_input`; for a classifier it is the native size of its
+file, whose images then get Keras' `preprocess_input` of its family (caffe for ResNet, tf for ResNetV2); for a classifier it is the native size of its
 training images, `metadata["image_shape"]`, and the classifier preprocesses and upsamples them itself.
 """
 
@@ -27,7 +27,7 @@ from PIL import Image
 from flaxresnet import cli, compile_cache, weights_file
 from flaxresnet.data import fit_image
 from flaxresnet.errors import UserError
-from flaxresnet.models import ResNet
+from flaxresnet.models import KerasResNet
 from flaxresnet.preprocess import preprocess_input
 
 TOP_K = 5
@@ -54,7 +54,7 @@ def class_names(model: nn.Module, metadata: dict[str, Any]) -> list[str] | None:
 
 def check_predicts(model: nn.Module, path: str | Path) -> None:
     """UserError unless the model ends in a classifier (a no-top backbone only gives a feature map)."""
-    if isinstance(model, ResNet) and not model.include_top:
+    if isinstance(model, KerasResNet) and not model.include_top:
         raise UserError(f"{path} is a backbone without a classifier (converted with no top): use a file "
                         f"converted with --include-top, or a classifier fine-tuned with train.py")
 
@@ -80,7 +80,7 @@ def probabilities(model: nn.Module, variables: dict[str, Any], images: np.ndarra
     cache entry is small and serves every weights file of the same model."""
     @jax.jit
     def forward(variables: dict[str, Any], batch: jax.Array) -> jax.Array:
-        x = preprocess_input(batch) if isinstance(model, ResNet) else batch
+        x = preprocess_input(batch, mode=model.preprocess) if isinstance(model, KerasResNet) else batch
         return jax.nn.softmax(model.apply(variables, x, train=False))
 
     return np.concatenate([np.asarray(forward(variables, images[i:i + BATCH_SIZE]))

@@ -1,4 +1,4 @@
-"""Keras ImageNet preprocessing (caffe mode) and upsampling, as jittable array functions."""
+"""Keras ImageNet preprocessing (caffe and tf modes) and upsampling, as jittable array functions."""
 
 from __future__ import annotations
 
@@ -7,13 +7,29 @@ import jax.numpy as jnp
 
 # Per-channel means in BGR order, as keras.applications.imagenet_utils uses them in caffe mode.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+# keras.applications.imagenet_utils modes: 'caffe' for ResNet (v1), 'tf' for ResNetV2.
+PREPROCESS_MODES = ("caffe", "tf")
 
 
-def preprocess_input(x: jnp.ndarray, dtype: jnp.dtype = jnp.float32) -> jnp.ndarray:
-    """Keras `resnet.preprocess_input`: to `dtype` (float32, as Keras' default floatx), RGB -> BGR, subtract the
-    ImageNet BGR means (rounded to `dtype`), no scaling."""
-    x = jnp.asarray(x, dtype)[..., ::-1]
-    return x - jnp.asarray(CAFFE_MEAN_BGR, dtype)
+def preprocess_input(x: jnp.ndarray, dtype: jnp.dtype = jnp.float32, mode: str = "caffe") -> jnp.ndarray:
+    """Keras `imagenet_utils.preprocess_input` of RGB images in 0..255, in `dtype` (float32, as Keras' default
+    floatx): 'caffe' (`resnet.preprocess_input`) turns RGB into BGR and subtracts the ImageNet BGR means (rounded
+    to `dtype`), no scaling; 'tf' (`resnet_v2.preprocess_input`) computes `x / 127.5 - 1`, rounded step by step
+    as Keras does on numpy arrays."""
+    x = jnp.asarray(x, dtype)
+    if mode == "tf":
+        return _ieee_divide(x, 127.5) - jnp.asarray(1.0, dtype)
+    if mode != "caffe":
+        raise ValueError(f"preprocessing mode must be one of {PREPROCESS_MODES}, got {mode!r}")
+    return x[..., ::-1] - jnp.asarray(CAFFE_MEAN_BGR, dtype)
+
+
+def _ieee_divide(x: jnp.ndarray, divisor: float) -> jnp.ndarray:
+    """`x / divisor` correctly rounded, as numpy divides. XLA turns a division by a constant (or by a broadcast
+    scalar) into a multiplication by its rounded reciprocal, 1 ulp off for about half the pixel values 0..255
+    (Keras' own tensor path on JAX has that error); a divisor that depends on `x` stays a division. It is `divisor`
+    except where `x` is NaN, whose quotient is NaN either way."""
+    return x / jnp.where(jnp.isnan(x), x, jnp.asarray(divisor, x.dtype))
 
 
 def upsample(x: jnp.ndarray, size: int, method: str = "nearest") -> jnp.ndarray:

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import jax_utils, struct
 
@@ -41,7 +42,7 @@ from flaxresnet import augment as augment_lib
 from flaxresnet import distributed, freeze, log, optim, trees, weights_file
 from flaxresnet.config import Config
 from flaxresnet.errors import UserError, option_name
-from flaxresnet.models import Classifier, ResNet
+from flaxresnet.models import Classifier, ResNet, ResNetV2
 
 AXIS = "batch"
 Batch = dict[str, Any]
@@ -109,6 +110,9 @@ def load_backbone(path: str | None, depth: int) -> tuple[ResNet, Variables] | No
                 f"scratch, randomly initialised")
         return None
     model, variables = weights_file.load_converted(path)
+    if isinstance(model, ResNetV2):
+        raise UserError(f"{path} holds a ResNet{model.depth}V2 backbone: this flaxresnet converts, predicts with "
+                        f"and exports ResNetV2 but fine-tunes ResNet (v1) backbones only", option="backbone_weights")
     if not isinstance(model, ResNet):
         raise UserError(f"{path} is a fine-tuned classifier, not a backbone: pass a file converted with "
                         f"`python -m convert keras_to_flax`", option="backbone_weights")
@@ -152,7 +156,7 @@ def _with_backbone(model: Classifier, rng: jax.Array, images: jax.Array, backbon
         trees.check(expected[collection]["backbone"], given,
                     f"backbone {collection} do not match the classifier's ResNet",
                     "convert the weights again or pick the matching depth")
-        variables[collection] = {"backbone": jax.tree.map(jnp.asarray, given)}
+        variables[collection] = {"backbone": jax.device_put(given)}  # one transfer, nothing compiled
     head = jax.jit(functools.partial(model.init, method=Classifier.classify))(
         rng, jnp.zeros((1, 1, 1, Classifier.FEATURES), jnp.float32))
     for collection, tree in head.items():
@@ -309,13 +313,16 @@ def join_backbone(head: TrainState, backbone: Variables) -> TrainState:
 
 def replicate(tree: T) -> T:
     """One copy of a state (or variables) per local device, sharded exactly as `p_train_step` returns it (a
-    mesh over the pmap axis name), so that feeding its output back in does not compile the step a second time."""
-    return jax_utils.replicate(tree, axis_name=AXIS)
+    mesh over the pmap axis name), so that feeding its output back in does not compile the step a second time.
+    The copies are stacked on the host: stacking device arrays would compile a small program per leaf shape
+    (about 60 for a ResNet state, seconds at every start on CPU)."""
+    return jax_utils.replicate(jax.device_get(tree), axis_name=AXIS)
 
 
 def unreplicate(tree: T) -> T:
-    """Device 0's copy of a replicated state (all copies are equal)."""
-    return jax_utils.unreplicate(tree)
+    """Device 0's copy of a replicated state (all copies are equal), as host (numpy) arrays of their own: read
+    from its shard, which compiles nothing (slicing the device array would compile a program per leaf shape)."""
+    return jax.tree.map(lambda x: np.array(x.addressable_shards[0].data)[0, ...], tree)
 
 
 def save_classifier(path: str, state: TrainState, **metadata: Any) -> None:

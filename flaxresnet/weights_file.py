@@ -124,9 +124,10 @@ def build_model(metadata: dict[str, Any], **overrides: Any) -> nn.Module:
 def load_converted(path: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, Variables]:
     """Load a converted (or fine-tuned) file as `(model, {'params': ..., 'batch_stats': ...})`.
 
-    `model.apply(variables, preprocess_input(rgb), train=False)` gives the Keras feature map for a no-top
-    backbone, or logits for a file with a classifier. `overrides` replace config fields; `dtype='float64'`
-    (with 64-bit JAX) also makes the variables float64, for float64 inputs (`preprocess_input(rgb, jnp.float64)`).
+    `model.apply(variables, preprocess_input(rgb, mode=model.preprocess), train=False)` gives the Keras feature
+    map for a no-top backbone (ResNet or ResNetV2), or logits for one with its top; a classifier takes raw `rgb`.
+    `overrides` replace config fields; `dtype='float64'` (with 64-bit JAX) also makes the variables float64, for
+    float64 inputs (`preprocess_input(rgb, jnp.float64, ...)`).
     """
     variables, metadata = load(path)
     model = build_model(metadata, **overrides)
@@ -137,7 +138,7 @@ def load_converted(path: str | os.PathLike, **overrides: Any) -> tuple[nn.Module
 def input_size(model: nn.Module, metadata: dict[str, Any]) -> tuple[int, int]:
     """(height, width) of the raw images the model is fed: a classifier's training images' native size (it
     upsamples them itself), else the ImageNet size the file records (224)."""
-    if isinstance(model, models.ResNet):
+    if isinstance(model, models.KerasResNet):
         size = metadata.get("image_size", IMAGENET_SIZE)
         return size, size
     if "image_shape" in metadata:

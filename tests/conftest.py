@@ -11,8 +11,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # The user cache folder of this process and of every process a test starts (they inherit os.environ): train.py,
 # evaluate and predict keep their compilation cache there by default, shared by every run of the session, and
 # matplotlib its font list. Set before the test modules are imported, since importing matplotlib writes there.
-USER_CACHE = tempfile.mkdtemp(prefix="flaxresnet-tests-cache-")
-os.environ["XDG_CACHE_HOME"] = USER_CACHE
+# Under `pytest -n N` (pytest-xdist) the workers inherit the folder of the main process, which removes it at the end.
+WORKER = "PYTEST_XDIST_WORKER" in os.environ
+if WORKER:
+    USER_CACHE = os.environ["XDG_CACHE_HOME"]
+else:
+    USER_CACHE = tempfile.mkdtemp(prefix="flaxresnet-tests-cache-")
+    os.environ["XDG_CACHE_HOME"] = USER_CACHE
 
 from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -21,12 +26,15 @@ import pytest  # noqa: E402
 
 from flaxresnet import compile_cache  # noqa: E402
 
+# This process compiles into the same session cache as the commands it starts: a program that two tests build
+# from different Python objects (a new model, a new step partial) is compiled by XLA once.
+compile_cache.enable(compile_cache.DEFAULT)
 
-@pytest.fixture(scope="session", autouse=True)
-def user_cache_folder() -> Iterator[str]:
-    """The session's XDG_CACHE_HOME, removed when the session ends."""
-    yield USER_CACHE
-    shutil.rmtree(USER_CACHE, ignore_errors=True)
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session's XDG_CACHE_HOME is removed when the session ends (by the main process under pytest-xdist)."""
+    if not WORKER:
+        shutil.rmtree(USER_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

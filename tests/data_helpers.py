@@ -53,3 +53,17 @@ def write_image_folder(root: Path, counts: dict[str, int], seed: int = 0) -> Pat
                 image = image.convert("L")
             image.save(root / name / (f"{i}.png" if i % 2 else f"{i}.JPG"))
     return root
+
+
+def write_digits_folder(root: Path, per_class: int) -> Path:
+    """The first `per_class` of each of scikit-learn's 8x8 digits as RGB PNGs in one sub-folder per digit (0..16
+    scaled to 0..255 as the digits dataset does): a learnable image folder smaller than the digits dataset."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in range(10):
+        (root / str(label)).mkdir(parents=True)
+        for i in np.flatnonzero(digits.target == label)[:per_class]:
+            gray = np.round(digits.images[i] * (255 / 16)).astype(np.uint8)
+            Image.fromarray(gray).convert("RGB").save(root / str(label) / f"{i}.png")
+    return root

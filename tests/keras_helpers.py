@@ -18,11 +18,12 @@ import numpy as np
 from flaxresnet.preprocess import preprocess_input
 
 
-def randomize_batchnorm(model, seed: int = 0, size: int | None = None) -> None:
+def randomize_batchnorm(model, seed: int = 0, size: int | None = None, mode: str = "caffe") -> None:
     """Give every BatchNormalization of `model` random gamma/beta, calibrated-then-perturbed statistics.
 
     The last BN of each residual branch (`*_3_bn`, `*_branch2c`) gets a small gamma, as in trained ResNets, so activations
-    stay O(1)-O(10) through all blocks instead of growing with depth.
+    stay O(1)-O(10) through all blocks instead of growing with depth. The statistics are calibrated on images
+    preprocessed in `mode`, the model's ('caffe' for ResNet, 'tf' for ResNetV2).
     """
     import keras
 
@@ -36,7 +37,7 @@ def randomize_batchnorm(model, seed: int = 0, size: int | None = None) -> None:
         bn.beta.assign(rng.normal(0.0, 0.2, n).astype("float32"))
         bn.momentum = 0.0
     size = size or model.input_shape[1]
-    model(np.asarray(preprocess_input(random_images(8, size, seed + 1))), training=True)
+    model(np.asarray(preprocess_input(random_images(8, size, seed + 1), mode=mode)), training=True)
     for bn, momentum in zip(bns, momenta):
         bn.momentum = momentum
         n = bn.moving_mean.shape[0]
@@ -53,16 +54,22 @@ def _all_layers(model) -> list:
     return out
 
 
+# The keras.applications preprocessing mode of each ResNet family.
+PREPROCESS_MODE = {"v1": "caffe", "v2": "tf"}
+
+
 def keras_resnet(depth: int = 50, include_top: bool = False, size: int = 64, classes: int = 1000,
-                 seed: int = 0):
-    """A keras.applications ResNet{depth} with seeded random weights and randomized, calibrated BN."""
+                 seed: int = 0, family: str = "v1"):
+    """A keras.applications ResNet{depth} (family 'v1') or ResNet{depth}V2 ('v2') with seeded random weights and
+    randomized BN, calibrated on the family's preprocessing."""
     import keras
 
     keras.utils.set_random_seed(seed)
-    build = {50: keras.applications.ResNet50, 101: keras.applications.ResNet101,
-             152: keras.applications.ResNet152}[depth]
-    model = build(weights=None, include_top=include_top, input_shape=(size, size, 3), classes=classes)
-    randomize_batchnorm(model, seed)
+    apps = keras.applications
+    build = {("v1", 50): apps.ResNet50, ("v1", 101): apps.ResNet101, ("v1", 152): apps.ResNet152,
+             ("v2", 50): apps.ResNet50V2, ("v2", 101): apps.ResNet101V2, ("v2", 152): apps.ResNet152V2}
+    model = build[family, depth](weights=None, include_top=include_top, input_shape=(size, size, 3), classes=classes)
+    randomize_batchnorm(model, seed, mode=PREPROCESS_MODE[family])
     return model
 
 
@@ -235,16 +242,18 @@ def flax_predict(path, images: np.ndarray, dtype: str = "float32") -> np.ndarray
     """A weights file's output on `images` (preprocessed for a ResNet, raw for a classifier), in `dtype`, jitted
     as flaxresnet runs it: the feature map of a no-top ResNet, the softmax probabilities of a ResNet with a top
     (what Keras' top outputs), the logits of a classifier (what its Keras export outputs)."""
-    from flaxresnet import ResNet, load_converted
+    from flaxresnet import load_converted
+    from flaxresnet.models import KerasResNet
 
     model, variables = load_converted(path, dtype=dtype)
-    finish = jax.nn.softmax if isinstance(model, ResNet) and model.include_top else (lambda x: x)
+    finish = jax.nn.softmax if isinstance(model, KerasResNet) and model.include_top else (lambda x: x)
     return np.asarray(jax.jit(lambda v, x: finish(model.apply(v, x)))(variables, images.astype(dtype)))
 
 
-def assert_file_matches_keras(what: str, path, model, images: np.ndarray) -> dict:
-    """`assert_parity` for a converted file against the Keras `model` it came from, on raw RGB `images`."""
-    x = np.asarray(preprocess_input(images))  # float32 values, given exactly to the float64 models
+def assert_file_matches_keras(what: str, path, model, images: np.ndarray, mode: str = "caffe") -> dict:
+    """`assert_parity` for a converted file against the Keras `model` it came from, on raw RGB `images`
+    preprocessed in `mode` (the model's: 'caffe' for ResNet, 'tf' for ResNetV2)."""
+    x = np.asarray(preprocess_input(images, mode=mode))  # float32 values, given exactly to the float64 models
     ours32, keras32 = flax_predict(path, x), model.predict(x, verbose=0)
     with float64():
         ours64 = flax_predict(path, x, "float64")

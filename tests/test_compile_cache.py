@@ -100,8 +100,8 @@ def test_identical_rerun_hits_and_a_changed_step_adds_only_itself(tmp_path, back
     assert done.returncode == 0, done.stderr[-3000:]
     first, again, smoothed = json.loads(results.read_text())
     assert first["status"] == again["status"] == smoothed["status"] == 0
-    # The first run writes every program it compiles: the steps, the initialisation and ~130 small ones.
-    assert first["compiled"] > 100 and first["hits"] == 0
+    # The first run writes every program it compiles: the steps, the initialisation and ~15 small ones.
+    assert first["compiled"] > 10 and first["hits"] == 0
     assert first["writes"] == first["compiled"] == len(first["entries"])
     # The same command again (another work folder) loads every one of them and writes nothing.
     assert (again["hits"], again["writes"], again["entries"]) == (first["compiled"], 0, first["entries"])

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import h5py
 import jax
@@ -99,17 +100,23 @@ def test_v02_naming_converts_with_its_epsilon_and_matches_keras(tmp_path):
                               random_images(2, 64, seed=6))
 
 
+def save_deeper(model, layout: str, folder) -> Path:
+    """The deeper models' file layouts: 'keras_archive' (.keras) or 'weights_h5_unnamed' (a .weights.h5 without
+    per-group names, read in keras_layer_order)."""
+    if layout == "keras_archive":
+        path = folder / "m.keras"
+        model.save(path)
+    else:
+        path = folder / "m.weights.h5"
+        model.save_weights(path)
+        strip_layer_names(path)
+    return path
+
+
 @pytest.mark.parametrize("depth,layout", [(101, "weights_h5_unnamed"), (152, "keras_archive")])
 def test_deeper_resnets_match_keras(tmp_path, depth, layout):
     model = keras_resnet(depth, include_top=False, size=32)
-    if layout == "keras_archive":
-        path = tmp_path / "m.keras"
-        model.save(path)
-    else:
-        path = tmp_path / "m.weights.h5"
-        model.save_weights(path)
-        strip_layer_names(path)
-    summary = keras_to_flax(str(path), str(tmp_path / "out.msgpack"))
+    summary = keras_to_flax(str(save_deeper(model, layout, tmp_path)), str(tmp_path / "out.msgpack"))
     assert summary.depth == depth and not summary.include_top
     assert_file_matches_keras(f"ResNet{depth} 32px no-top features", tmp_path / "out.msgpack", model,
                               random_images(2, 32, seed=7))

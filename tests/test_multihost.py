@@ -4,9 +4,9 @@ checkpoint at the same step everywhere and the resumed run equals the uninterrup
 periodic mid-epoch checkpoint after `kill -9`, and a streamed run (`--input-pipeline stream`) stopped by a SIGTERM
 to a whole process group, data workers included.
 
-Kept small on 2 CPU cores: digits (8x8 px, 44 steps of 32 an epoch), a random backbone with `--freeze backbone`
-(the head and its BatchNorm train, gradients and statistics averaged over all devices), 2 epochs, a checkpoint
-every 15 steps, and train.py's persistent compilation cache, in the session's user cache folder
+Kept small on 2 CPU cores: an image folder of 400 of the 8x8 digits (320 for training: 20 steps of 16 an epoch),
+a random backbone with `--freeze backbone` (the head and its BatchNorm train, gradients and statistics averaged
+over all devices), 2 epochs, a checkpoint every 6 steps, and train.py's persistent compilation cache, in the session's user cache folder
 (tests/conftest.py), for every process started here. Every process is ended (killed if need be) when its test
 ends.
 """
@@ -24,14 +24,15 @@ import pytest
 from flax import traverse_util
 
 from flaxresnet import load_converted, weights_file
+from data_helpers import write_digits_folder
 from engine_helpers import random_backbone
 from process_helpers import running
 
-STEPS, EPOCHS, EVERY = 44, 2, 15
+STEPS, EPOCHS, EVERY = 20, 2, 6
 TIMEOUT = 300  # seconds a run may take at most (a cold compilation cache on 2 busy cores)
 TIMING_KEYS = {"seconds", "img_per_s"}
 FILES = ["checkpoints", "config.json", "curves.png", "final.msgpack", "metrics.jsonl"]
-STOPPED = re.compile(r"preempted at step (\d+) \(epoch (\d), batch (\d+) of 44\): checkpoint saved; rerun the "
+STOPPED = re.compile(r"preempted at step (\d+) \(epoch (\d), batch (\d+) of 20\): checkpoint saved; rerun the "
                      r"same command to resume")
 
 
@@ -39,7 +40,8 @@ STOPPED = re.compile(r"preempted at step (\d+) \(epoch (\d), batch (\d+) of 44\)
 def argv(tmp_path_factory) -> list[str]:
     path = tmp_path_factory.mktemp("backbone") / "backbone.msgpack"
     weights_file.save(path, random_backbone()[1], {"model": {"kind": "resnet", "config": {"depth": 50}}})
-    return ["--backbone-weights", str(path), "--dataset", "digits", "--image-size", "none", "--batch-size", "32",
+    images = write_digits_folder(tmp_path_factory.mktemp("digits") / "images", 40)
+    return ["--backbone-weights", str(path), "--dataset", f"folder:{images}", "--image-size", "8", "--batch-size", "16",
             "--epochs", str(EPOCHS), "--freeze", "backbone", "--augment", "cutout,flip", "--cutout-size", "3",
             "--checkpoint-every", str(EVERY)]
 
@@ -94,7 +96,7 @@ def test_two_processes_equal_one_with_as_many_devices(one_process, two_processes
     assert "epoch" not in out1 and "final classifier" not in out1  # only process 0 prints
     assert not (logs / "1.writes").exists()  # ... and writes the run's files (orbax writes checkpoints jointly)
     steps = sorted(int(p.name) for p in (two_processes / "checkpoints").iterdir())
-    assert steps == [60, 75, 88]  # every 15 steps and after each epoch of 44, the last 3 kept
+    assert steps == [30, 36, 40]  # every 6 steps and after each epoch of 20, the last 3 kept
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -158,7 +160,7 @@ def test_kill_9_resumes_from_a_periodic_checkpoint_to_the_same_numbers(tmp_path,
         assert run.wait(30) == [-signal.SIGKILL]
     with running(argv, workdir, 1, 2) as run:
         assert run.wait(TIMEOUT) == [0], run.err(0)[-3000:]
-    resumed = re.search(r"resuming at step (\d+) \(epoch 2, batch (\d+) of 44\)", run.out(0))
+    resumed = re.search(r"resuming at step (\d+) \(epoch 2, batch (\d+) of 20\)", run.out(0))
     assert resumed, run.out(0)
     assert int(resumed.group(1)) >= 4 * EVERY and int(resumed.group(2)) == int(resumed.group(1)) - STEPS
     assert_same_run(workdir, one_process)

@@ -327,8 +327,8 @@ def test_image_folder_run_in_a_subprocess(tmp_path, backbone_file):
     model, variables = load_converted(tmp_path / "run" / "final.msgpack")
     _, metadata = weights_file.load(tmp_path / "run" / "final.msgpack")
     assert metadata["class_names"] == ["cat", "dog", "fish"] and model.num_classes == 3
-    # Every program the run compiled: the train and evaluation steps, the initialisation and ~130 small ones.
-    assert len(list((tmp_path / "user-cache" / "flaxresnet" / "jax-compilation-cache").glob("jit_*-cache"))) > 100
+    # Every program the run compiled: the train and evaluation steps, the initialisation and ~15 small ones.
+    assert len(list((tmp_path / "user-cache" / "flaxresnet" / "jax-compilation-cache").glob("jit_*-cache"))) > 10
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path, backbone_file, capsys, monkeypatch):

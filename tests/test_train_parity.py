@@ -14,10 +14,12 @@ Keras Adam's update formula itself is checked exactly in test_train_lib.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h5py
@@ -136,16 +138,30 @@ np.savez({folder!r} + "/two.npz", losses=losses, **stats)
 """
 
 
-def train_flax_two_devices(state: train_lib.TrainState, batches: list[dict], backbone_file: Path,
-                           folder: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """`train_flax` of a float64 state on two devices, in a subprocess."""
+@contextlib.contextmanager
+def training_on_two_devices(state: train_lib.TrainState, batches: list[dict], backbone_file: Path,
+                            folder: Path) -> Iterator[Callable[[], tuple[np.ndarray, dict[str, np.ndarray]]]]:
+    """`train_flax` of a float64 state on two devices, in a subprocess that runs while the block does (the two
+    share the 2 CPU cores, and much of both is single-threaded compiling); the block gets a function that waits
+    for the result. The subprocess is ended when the block is left."""
     (folder / "state64.msgpack").write_bytes(serialization.to_bytes(jax.device_get(state)))
     np.savez(folder / "batches.npz", **{f"{k}{i}": b[k] for i, b in enumerate(batches) for k in b})
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_ENABLE_X64": "1"}
-    script = TWO_DEVICES.format(tests=str(Path(__file__).parent), root=str(Path(__file__).parents[1]), backbone=str(backbone_file), folder=str(folder))
-    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=900)
-    result = dict(np.load(folder / "two.npz"))
-    return result.pop("losses"), result
+    script = TWO_DEVICES.format(tests=str(Path(__file__).parent), root=str(Path(__file__).parents[1]),
+                                backbone=str(backbone_file), folder=str(folder))
+    with open(folder / "two.err", "w") as err:
+        process = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=err)
+
+    def result() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        assert process.wait(timeout=900) == 0, (folder / "two.err").read_text()[-3000:]
+        saved = dict(np.load(folder / "two.npz"))
+        return saved.pop("losses"), saved
+
+    try:
+        yield result
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_seed_recipe_trains_like_keras(tmp_path):
@@ -163,13 +179,16 @@ def test_seed_recipe_trains_like_keras(tmp_path):
     batches = [{"image": rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8),
                 "label": rng.integers(0, CLASSES, BATCH).astype(np.int32)} for _ in range(STEPS)]
 
-    with float64():  # before the float32 runs change the Keras weights
-        model64, _ = seed_model_keras64(model, backbone)
-        state64 = flax_state_from_keras(model64, tmp_path / "backbone.msgpack", "float64")
-        keras64 = train_keras(model64, batches, "float64")
-        flax64 = train_flax(state64, batches)
-    keras32, flax32 = train_keras(model, batches, "float32"), train_flax(state, batches)
-    two64 = train_flax_two_devices(state64, batches, tmp_path / "backbone.msgpack", tmp_path)
+    with contextlib.ExitStack() as background:
+        with float64():  # before the float32 runs change the Keras weights
+            model64, _ = seed_model_keras64(model, backbone)
+            state64 = flax_state_from_keras(model64, tmp_path / "backbone.msgpack", "float64")
+            two_devices = background.enter_context(
+                training_on_two_devices(state64, batches, tmp_path / "backbone.msgpack", tmp_path))
+            keras64 = train_keras(model64, batches, "float64")
+            flax64 = train_flax(state64, batches)
+        keras32, flax32 = train_keras(model, batches, "float32"), train_flax(state, batches)
+        two64 = two_devices()
 
     initial = traverse_util.flatten_dict(jax.device_get(state.batch_stats), sep="/")
     assert sorted(flax32[1]) == sorted(keras32[1]) == sorted(initial)
