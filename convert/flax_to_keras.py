@@ -36,8 +36,8 @@ import numpy as np
 from convert import naming
 from flaxresnet import weights_file
 from flaxresnet.errors import UserError
-from flaxresnet.models import (BN_MOMENTUM, HEAD_BN_EPSILON, KERAS_BN_EPSILON, Classifier, KerasResNet,
-                               ResNetV2)
+from flaxresnet.models import (BN_MOMENTUM, HEAD_BN_EPSILON, KERAS_BN_EPSILON, Classifier, KerasResNet, arch_name,
+                               family_of)
 from flaxresnet.preprocess import CAFFE_MEAN_BGR
 
 # What the weights file header says: a Keras 2 legacy file of the TensorFlow (channels-last) layout, so that no
@@ -74,7 +74,7 @@ def flax_to_keras(weights: str, out: str | None = None) -> Summary:
     suffix = ".keras" if isinstance(model, Classifier) else ".h5"
     out = str(Path(weights).with_suffix(suffix)) if out is None else out
     _check_exportable(model, weights, out)
-    arch = f"ResNet{model.depth}{'V2' if isinstance(model, ResNetV2) else ''}"
+    arch = arch_name(model.family if isinstance(model, Classifier) else family_of(model), model.depth)
     if isinstance(model, KerasResNet):
         layers = naming.keras_weights(variables)
         weights_file.atomic_write(out, lambda f: _write_legacy_h5(f, layers), mode="w+b")
@@ -98,13 +98,16 @@ def flax_to_keras(weights: str, out: str | None = None) -> Summary:
 def _check_exportable(model: KerasResNet | Classifier, weights: str, out: str) -> None:
     """UserError for a v0.2-origin backbone or an output name Keras would read as another format."""
     if model.bn_epsilon != KERAS_BN_EPSILON or getattr(model, "pool1_pad", 1) != 1:  # ResNetV2: always Keras'
-
         raise UserError(f"{weights} holds a backbone from the old v0.2 ResNet50 file (BN epsilon "
                         f"{model.bn_epsilon}, pool1 padding {model.pool1_pad}): keras.applications models use "
                         f"epsilon {KERAS_BN_EPSILON} and padding 1 and would compute different outputs, so it "
                         f"cannot be exported; start from the current keras-applications weights "
                         f"(python -m convert keras_to_flax --weights imagenet)")
     if isinstance(model, Classifier):
+        if model.family != "v1":
+            raise UserError(f"{weights} holds a classifier on a {arch_name(model.family, model.depth)} backbone: "
+                            f"this flaxresnet exports classifiers on ResNet (v1) backbones only; export its "
+                            f"backbone, or predict and evaluate with flaxresnet")
         if not out.endswith(".keras"):
             raise UserError(f"a classifier exports to a Keras model: give --out a name ending in .keras "
                             f"(got {out})")

@@ -22,7 +22,7 @@ from flaxresnet import compile_cache as compile_cache_lib
 from flaxresnet import distributed
 from flaxresnet import freeze
 from flaxresnet.errors import UserError
-from flaxresnet.models import HEADS, STAGE_BLOCKS
+from flaxresnet.models import BACKBONES, HEADS, STAGE_BLOCKS
 
 SCHEDULES = ("constant", "cosine")
 UPSAMPLE_METHODS = ("nearest", "bilinear")
@@ -129,6 +129,8 @@ class Config:
     batch_size: int = option(64, "global batch size, split evenly over all devices", check=_positive, metavar="N")
     depth: int = option(50, "ResNet depth when training from scratch; a weights file brings its own",
                         choices=tuple(STAGE_BLOCKS))
+    family: str = option("v1", "ResNet family when training from scratch: v1 (ResNet50/101/152) or v2 "
+                               "(ResNet50V2/101V2/152V2); a weights file brings its own", choices=tuple(BACKBONES))
     seed: int = option(0, "the one root of all randomness: initialisation, data order, any split-off "
                           "validation part, augmentation and dropout", metavar="N")
     backbone_weights: str | None = option(

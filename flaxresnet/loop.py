@@ -72,7 +72,7 @@ def train_and_evaluate(config: Config) -> Row:
     distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.coordinator_timeout)
     distributed.check_batch_size(config.batch_size)
     config, workdir = rundir.open_workdir(config)
-    backbone = train_lib.load_backbone(config.backbone_weights, config.depth)
+    backbone = train_lib.load_backbone(config.backbone_weights, config.depth, config.family)
     store = checkpoints.Checkpoints(workdir / "checkpoints")
     try:
         return _run(config, workdir, backbone, store)

@@ -268,6 +268,18 @@ def ResNet152V2(**kwargs: Any) -> ResNetV2:
     return ResNetV2(depth=152, **kwargs)
 
 
+# The backbone of each family a Classifier (and train.py's --family) names.
+BACKBONES: dict[str, type[KerasResNet]] = {"v1": ResNet, "v2": ResNetV2}
+def family_of(backbone: KerasResNet) -> str:
+    """'v1' for a ResNet, 'v2' for a ResNetV2 (its `BACKBONES` key)."""
+    return next(family for family, kind in BACKBONES.items() if isinstance(backbone, kind))
+
+
+def arch_name(family: str, depth: int) -> str:
+    """Keras' name of the architecture: ResNet50, ..., ResNet152V2."""
+    return f"ResNet{depth}{'V2' if family == 'v2' else ''}"
+
+
 # Model kinds a weights file can name in its metadata (see weights_file.build_model).
 MODEL_KINDS: dict[str, type[nn.Module]] = {"resnet": ResNet, "resnet_v2": ResNetV2}
 
@@ -322,16 +334,19 @@ class Head(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Raw RGB images in, logits out: caffe preprocessing, optional augmentation, upsampling, backbone, head.
+    """Raw RGB images in, logits out: the backbone family's preprocessing, optional augmentation, upsampling,
+    backbone, head.
 
     Preprocessing and upsampling live in the model so that they run on device inside the jitted step, and a
     saved classifier predicts from raw images of their native size (e.g. 32 px CIFAR). Submodules `backbone`
-    (a no-top `ResNet`, whose variables are exactly a converter tree) and `head` (`Head`). Every attribute
+    (a no-top `ResNet` or `ResNetV2`, whose variables are exactly a converter tree) and `head` (`Head`). Every attribute
     but `axis_name` is JSON-able, so `metadata()` rebuilds the model through `weights_file.build_model`.
 
     Attributes:
       num_classes: number of logits.
-      depth, bn_epsilon, pool1_pad: the backbone's, as in `ResNet` (take them from the converted file).
+      family: the backbone's, 'v1' (`ResNet`, caffe preprocessing) or 'v2' (`ResNetV2`, tf preprocessing).
+      depth, bn_epsilon, pool1_pad: the backbone's, as in `ResNet` (take them from the converted file); a
+        ResNetV2 has Keras' epsilon and padding only, so these two keep their defaults for 'v2'.
       head, hidden, dropout: the head's kind ('seed' or 'linear'), hidden width and dropout rate.
       image_size: side the images are upsampled to before the backbone; None keeps the input size.
       upsample: 'nearest' (Keras UpSampling2D, integer factor) or 'bilinear'.
@@ -343,6 +358,7 @@ class Classifier(nn.Module):
     """
 
     num_classes: int
+    family: str = "v1"
     depth: int = 50
     bn_epsilon: float = KERAS_BN_EPSILON
     pool1_pad: int = 1
@@ -360,8 +376,11 @@ class Classifier(nn.Module):
 
     def setup(self) -> None:
         dtype = jnp.dtype(self.dtype)
-        self.backbone_net = ResNet(depth=self.depth, bn_epsilon=self.bn_epsilon, pool1_pad=self.pool1_pad,
-                                   axis_name=self.axis_name, dtype=dtype, name="backbone")
+        if self.family not in BACKBONES:
+            raise ValueError(f"family must be one of {sorted(BACKBONES)}, got {self.family!r}")
+        v1 = {"bn_epsilon": self.bn_epsilon, "pool1_pad": self.pool1_pad} if self.family == "v1" else {}
+        self.backbone_net = BACKBONES[self.family](depth=self.depth, axis_name=self.axis_name, dtype=dtype,
+                                                   name="backbone", **v1)
         self.head_net = Head(self.num_classes, kind=self.head, hidden=self.hidden, dropout=self.dropout,
                              axis_name=self.axis_name, dtype=dtype, name="head")
 
@@ -377,9 +396,9 @@ class Classifier(nn.Module):
         """Raw RGB images (N, H, W, 3), uint8 or 0..255 floats -> backbone feature map.
 
         `augment`, if given, maps the preprocessed images at their native size to augmented ones (it runs
-        after caffe preprocessing and before upsampling, as the seed's random erasing did).
+        after preprocessing and before upsampling, as the seed's random erasing did).
         """
-        x = preprocess_input(images, param_dtype(self.dtype))
+        x = preprocess_input(images, param_dtype(self.dtype), mode=BACKBONES[self.family].preprocess)
         if augment is not None:
             x = augment(x)
         if self.image_size is not None:

@@ -42,7 +42,7 @@ from flaxresnet import augment as augment_lib
 from flaxresnet import distributed, freeze, log, optim, trees, weights_file
 from flaxresnet.config import Config
 from flaxresnet.errors import UserError, option_name
-from flaxresnet.models import Classifier, ResNet, ResNetV2
+from flaxresnet.models import Classifier, KerasResNet, ResNet, arch_name, family_of
 
 AXIS = "batch"
 Batch = dict[str, Any]
@@ -91,37 +91,35 @@ class TrainState:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def build_classifier(config: Config, backbone: ResNet | None = None) -> Classifier:
+def build_classifier(config: Config, backbone: KerasResNet | None = None) -> Classifier:
     """The classifier a config describes: every Classifier attribute the Config declares too is taken from it;
     the backbone architecture comes from `backbone` (e.g. the module `load_converted` returned) or, from
-    scratch, is a ResNet{config.depth} with Keras defaults."""
+    scratch, is the config's family and depth with Keras defaults."""
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(Classifier) if hasattr(config, f.name)}
-    arch = {} if backbone is None else {
-        "depth": backbone.depth, "bn_epsilon": backbone.bn_epsilon, "pool1_pad": backbone.pool1_pad}
+    arch = {} if backbone is None else {"family": family_of(backbone), "depth": backbone.depth}
+    if isinstance(backbone, ResNet):
+        arch.update(bn_epsilon=backbone.bn_epsilon, pool1_pad=backbone.pool1_pad)
     return Classifier(**{**shared, **arch}, backbone_bn_train=freeze.backbone_bn_train(config.freeze),
                       axis_name=AXIS)
 
 
-def load_backbone(path: str | None, depth: int) -> tuple[ResNet, Variables] | None:
-    """`load_converted` of the backbone file `path` for `create_train_state`, or None (saying so) to train a
-    ResNet{depth} from scratch. UserError if the file holds a classifier."""
+def load_backbone(path: str | None, depth: int, family: str = "v1") -> tuple[KerasResNet, Variables] | None:
+    """`load_converted` of the backbone file `path` for `create_train_state`, or None (saying so) to train the
+    `family`'s ResNet of `depth` from scratch. UserError if the file holds a classifier."""
     if path is None:
-        log.say(f"no backbone weights ({option_name('backbone_weights')} none): training ResNet{depth} from "
-                f"scratch, randomly initialised")
+        log.say(f"no backbone weights ({option_name('backbone_weights')} none): training "
+                f"{arch_name(family, depth)} from scratch, randomly initialised")
         return None
     model, variables = weights_file.load_converted(path)
-    if isinstance(model, ResNetV2):
-        raise UserError(f"{path} holds a ResNet{model.depth}V2 backbone: this flaxresnet converts, predicts with "
-                        f"and exports ResNetV2 but fine-tunes ResNet (v1) backbones only", option="backbone_weights")
-    if not isinstance(model, ResNet):
+    if not isinstance(model, KerasResNet):
         raise UserError(f"{path} is a fine-tuned classifier, not a backbone: pass a file converted with "
                         f"`python -m convert keras_to_flax`", option="backbone_weights")
-    log.say(f"backbone: ResNet{model.depth} from {path}")
+    log.say(f"backbone: {arch_name(family_of(model), model.depth)} from {path}")
     return model, variables
 
 
 def create_train_state(config: Config, rng: jax.Array, image_shape: tuple[int, int, int] = (32, 32, 3),
-                       backbone: tuple[ResNet, Variables] | None = None,
+                       backbone: tuple[KerasResNet, Variables] | None = None,
                        total_steps: int | None = None) -> TrainState:
     """A fresh, unreplicated TrainState: head (and backbone, if none is given) initialised from `rng`.
 

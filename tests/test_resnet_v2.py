@@ -19,11 +19,13 @@ import pytest
 from convert import download, naming
 from convert.__main__ import main
 from convert.keras_to_flax import keras_to_flax
-from flaxresnet import (ResNet50V2, ResNet101V2, ResNet152V2, ResNetV2, UserError, load_converted, predict,
+from flaxresnet import (ResNet50V2, ResNet101V2, ResNet152V2, ResNetV2, load_converted, predict,
                         preprocess_input, train_lib)
 from flaxresnet.weights_file import load
 from keras_helpers import (FLOAT32_FACTOR, assert_file_matches_keras, assert_parity, float64, float64_twin,
                            keras_resnet, layer_weights, random_images, scaled_distance, write_legacy_h5)
+from data_helpers import write_digits_folder
+from flaxresnet.config import Config
 from test_convert import assert_same_variables, save_deeper, strip_layer_names
 
 SIZE = 64
@@ -295,7 +297,33 @@ def test_backbone_round_trip_keras_flax_keras_is_bit_exact(resnet50v2, tmp_path,
     assert_same_variables(load(tmp_path / "again.msgpack")[0], load(folder / "legacy.msgpack")[0])
 
 
-def test_training_a_v2_backbone_is_refused_in_one_line(resnet50v2):
-    with pytest.raises(UserError, match=r"holds a ResNet50V2 backbone: this flaxresnet converts, predicts with and "
-                                        r"exports ResNetV2 but fine-tunes ResNet \(v1\) backbones only"):
-        train_lib.load_backbone(str(resnet50v2[1] / "legacy.msgpack"), 50)
+def test_train_py_fine_tunes_a_v2_backbone_with_frozen_convs(resnet50v2, tmp_path, capsys):
+    """The seed recipe's freezing on a V2 backbone: every conv stays as converted, every BatchNorm trains; the
+    classifier file is a V2 classifier (its 'tf' preprocessing inside) that predicts from raw images."""
+    import train
+
+    images = write_digits_folder(tmp_path / "images", 4)
+    status = train.main(["--backbone-weights", str(resnet50v2[1] / "legacy.msgpack"), "--dataset",
+                         f"folder:{images}", "--image-size", "32", "--batch-size", "8", "--freeze", "convs",
+                         "--augment", "random-erasing", "--epochs", "1", "--workdir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert status == 0 and f"backbone: ResNet50V2 from {resnet50v2[1] / 'legacy.msgpack'}" in out, out
+    model, trained = load_converted(tmp_path / "run" / "final.msgpack")
+    assert (model.family, model.depth) == ("v2", 50)
+    converted = load(resnet50v2[1] / "legacy.msgpack")[0]["params"]
+    backbone = trained["params"]["backbone"]
+    assert backbone.keys() == converted.keys() - {"predictions"}
+    convs = [name for name in backbone if name.endswith("_conv")]
+    bns = [name for name in backbone if name.endswith("_bn")]
+    assert len(convs) == 53 and len(bns) == 49  # conv1, 4 shortcuts, 16 blocks x 3; 16 blocks x 3 and post_bn
+    assert all(np.array_equal(backbone[n][k], converted[n][k]) for n in convs for k in backbone[n])
+    assert all(not np.array_equal(backbone[n]["scale"], converted[n]["scale"]) for n in bns)
+    probs = predict.probabilities(model, trained, random_images(2, 8, seed=1))
+    assert probs.shape == (2, 10) and np.allclose(probs.sum(-1), 1, atol=1e-5)
+
+
+def test_family_v2_trains_a_resnet_v2_from_scratch():
+    model = train_lib.build_classifier(Config(num_classes=10, family="v2", depth=101))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), np.uint8))
+    assert (model.family, model.depth) == ("v2", 101) and "post_bn" in shapes["params"]["backbone"]
+    assert sum(name.endswith("_preact_bn") for name in shapes["params"]["backbone"]) == 33
