@@ -115,6 +115,7 @@ class Checkpoints:
                 max_to_keep=keep, enable_async_checkpointing=asynchronous, create=False),  # saving creates it
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
         self._pending: tuple[int, int] | None = None  # (step, bytes) of the save being written
+        self._reported = False  # a refusal became a UserError: met again (closing), it is not raised twice
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
@@ -147,12 +148,12 @@ class Checkpoints:
     def save(self, step: int, state: Any, meta: Meta) -> None:
         """Checkpoint a replicated TrainState (`train_lib.replicate`, or `p_train_step`'s output) as `step`,
         replacing one of the same step (a stop's, taken before its epoch's evaluation)."""
+        self.wait()  # the previous save's refusal is its own
         with self._refusals():
-            self._manager.wait_until_finished()  # the previous save's refusal is its own
-            if step in self._manager.all_steps():
-                self._manager.delete(step)
             arrays = serialization.to_state_dict(train_lib.unreplicate(state))  # process 0 writes host arrays
             self._pending = step, state_bytes(arrays)
+            if step in self._manager.all_steps():
+                self._manager.delete(step)
             # A folder orbax cannot create leaves its writer threads waiting for it (for 10 minutes): refused
             # here, before they start.
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -204,8 +205,11 @@ class Checkpoints:
             reason = refusal(e)
             if reason is None:
                 raise
-            if self._pending is None:  # reported already
+            if self._reported:  # the refusal already raised, met again while finishing
                 return
+            if self._pending is None:  # not a save's refusal
+                raise
+            self._reported = True
             (step, needed), self._pending = self._pending, None
             self._manager.reload()
             complete = [s for s in self._manager.all_steps() if s != step]
