@@ -21,7 +21,7 @@ import numpy as np
 
 from flaxresnet import trees
 from flaxresnet.errors import UserError
-from flaxresnet.models import KERAS_BN_EPSILON, LEGACY_BN_EPSILON, STAGE_BLOCKS
+from flaxresnet.models import KERAS_BN_EPSILON, LEGACY_BN_EPSILON, STAGE_BLOCKS, arch_name
 
 # Each Keras layer kind's weights, in Keras order: (Keras weight name, Flax collection, Flax leaf). Shared by
 # `fill` (Keras -> Flax) and `keras_weights` (Flax -> Keras), so the mapping is written down once.
@@ -38,12 +38,11 @@ _BLOCK_LAYER = re.compile(r"conv[2-5]_block\d+_(.+)")
 @dataclass(frozen=True)
 class Family:
     """A keras.applications ResNet family: its weighted layers (keras-applications names, in `model.layers`
-    order, the classifier `predictions` apart), the flaxresnet model kind that computes it (`models.MODEL_KINDS`)
-    and the suffix of Keras' model names (ResNet50, ResNet50V2)."""
+    order, the classifier `predictions` apart) and the flaxresnet model kind that computes it
+    (`models.MODEL_KINDS`)."""
 
     version: str  # 'v1' or 'v2', as `--family` and `download.HASHES` name it
     kind: str
-    suffix: str
     stem: tuple[str, ...]  # before the blocks
     first_block: tuple[str, ...]  # a stack's first block, after `conv{stage}_block1_`
     block: tuple[str, ...]  # every other block
@@ -51,7 +50,7 @@ class Family:
 
     def arch(self, depth: int) -> str:
         """Keras' model name, e.g. 'ResNet50V2'."""
-        return f"ResNet{depth}{self.suffix}"
+        return arch_name(self.version, depth)
 
     def layer_order(self, depth: int, include_top: bool) -> list[str]:
         """The weighted layers of the keras.applications model of `depth`, in `model.layers` order."""
@@ -72,10 +71,10 @@ class Family:
         return name if known else None
 
 
-V1 = Family("v1", "resnet", "", stem=("conv1_conv", "conv1_bn"),
+V1 = Family("v1", "resnet", stem=("conv1_conv", "conv1_bn"),
             first_block=("1_conv", "1_bn", "2_conv", "2_bn", "0_conv", "3_conv", "0_bn", "3_bn"),
             block=("1_conv", "1_bn", "2_conv", "2_bn", "3_conv", "3_bn"), end=())
-V2 = Family("v2", "resnet_v2", "V2", stem=("conv1_conv",),
+V2 = Family("v2", "resnet_v2", stem=("conv1_conv",),
             first_block=("preact_bn", "1_conv", "1_bn", "2_conv", "2_bn", "0_conv", "3_conv"),
             block=("preact_bn", "1_conv", "1_bn", "2_conv", "2_bn", "3_conv"), end=("post_bn",))
 
@@ -177,7 +176,7 @@ def rename(layers: dict[str, list[np.ndarray]], scheme: Scheme) -> dict[str, lis
             renamed[flax_name] = arrays
     if unknown:
         raise UserError(f"{len(unknown)} layer(s) with weights are not part of a {scheme.name} "
-                        f"ResNet{scheme.family.suffix}: "
+                        f"{arch_name(scheme.family.version)}: "
                         f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}")
     return renamed
 

@@ -275,9 +275,13 @@ def family_of(backbone: KerasResNet) -> str:
     return next(family for family, kind in BACKBONES.items() if isinstance(backbone, kind))
 
 
-def arch_name(family: str, depth: int) -> str:
-    """Keras' name of the architecture: ResNet50, ..., ResNet152V2."""
-    return f"ResNet{depth}{'V2' if family == 'v2' else ''}"
+# The suffix of Keras' model names of each family (ResNet50, ResNet50V2).
+ARCH_SUFFIX = {"v1": "", "v2": "V2"}
+
+
+def arch_name(family: str, depth: int | str = "") -> str:
+    """Keras' name of the architecture: ResNet50, ..., ResNet152V2 (without a depth: ResNet, ResNetV2)."""
+    return f"ResNet{depth}{ARCH_SUFFIX[family]}"
 
 
 # Model kinds a weights file can name in its metadata (see weights_file.build_model).

@@ -28,6 +28,36 @@ def strip_layer_names(path) -> None:
                 del group["vars"].attrs["name"]
 
 
+def save_in_layout(model, layout: str, folder: Path, weightless: tuple[str, ...] | None = None) -> Path:
+    """The Keras model's weights written in one of the file layouts keras_to_flax reads: 'keras2_split_names' (a
+    legacy .h5 as Keras 2 wrote it, `weightless` its weightless layers), 'full_model_h5', 'weights_h5' and
+    'weights_h5_unnamed' (a .weights.h5 without per-group names, read in keras_layer_order), 'keras_archive' and
+    'keras_archive_unnamed'."""
+    if layout == "keras2_split_names":
+        path = folder / "k2.h5"
+        write_legacy_h5(path, layer_weights(model), keras2=True, split_layer_names=3,
+                        **({} if weightless is None else {"weightless": weightless}))
+    elif layout == "full_model_h5":
+        path = folder / "full.h5"
+        model.save(path)
+    elif layout.startswith("weights_h5"):
+        path = folder / "m.weights.h5"
+        model.save_weights(path)
+        if layout.endswith("unnamed"):
+            strip_layer_names(path)
+    else:
+        path = folder / "m.keras"
+        model.save(path)
+        if layout.endswith("unnamed"):
+            with zipfile.ZipFile(path) as z:
+                z.extractall(folder / "x")
+            strip_layer_names(folder / "x" / "model.weights.h5")
+            with zipfile.ZipFile(path, "w") as z:
+                for name in ("metadata.json", "config.json", "model.weights.h5"):
+                    z.write(folder / "x" / name, name)
+    return path
+
+
 def assert_same_variables(a, b) -> None:
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -63,27 +93,7 @@ def test_reference_conversion_matches_keras_and_is_self_describing(resnet50):
                                     "keras_archive", "keras_archive_unnamed"])
 def test_every_layout_gives_the_same_variables(resnet50, tmp_path, layout):
     model, _, reference = resnet50
-    if layout == "keras2_split_names":
-        path = tmp_path / "k2.h5"
-        write_legacy_h5(path, layer_weights(model), keras2=True, split_layer_names=3)
-    elif layout == "full_model_h5":
-        path = tmp_path / "full.h5"
-        model.save(path)
-    elif layout.startswith("weights_h5"):
-        path = tmp_path / "m.weights.h5"
-        model.save_weights(path)
-        if layout.endswith("unnamed"):
-            strip_layer_names(path)
-    else:
-        path = tmp_path / "m.keras"
-        model.save(path)
-        if layout.endswith("unnamed"):
-            with zipfile.ZipFile(path) as z:
-                z.extractall(tmp_path / "x")
-            strip_layer_names(tmp_path / "x" / "model.weights.h5")
-            with zipfile.ZipFile(path, "w") as z:
-                for name in ("metadata.json", "config.json", "model.weights.h5"):
-                    z.write(tmp_path / "x" / name, name)
+    path = save_in_layout(model, layout, tmp_path)
     summary = keras_to_flax(str(path), str(tmp_path / "out.msgpack"))
     assert (summary.depth, summary.include_top, summary.num_classes, summary.tensors) == (50, True, 10, 320)
     assert_same_variables(load(tmp_path / "out.msgpack")[0], reference)
@@ -100,23 +110,10 @@ def test_v02_naming_converts_with_its_epsilon_and_matches_keras(tmp_path):
                               random_images(2, 64, seed=6))
 
 
-def save_deeper(model, layout: str, folder) -> Path:
-    """The deeper models' file layouts: 'keras_archive' (.keras) or 'weights_h5_unnamed' (a .weights.h5 without
-    per-group names, read in keras_layer_order)."""
-    if layout == "keras_archive":
-        path = folder / "m.keras"
-        model.save(path)
-    else:
-        path = folder / "m.weights.h5"
-        model.save_weights(path)
-        strip_layer_names(path)
-    return path
-
-
 @pytest.mark.parametrize("depth,layout", [(101, "weights_h5_unnamed"), (152, "keras_archive")])
 def test_deeper_resnets_match_keras(tmp_path, depth, layout):
     model = keras_resnet(depth, include_top=False, size=32)
-    summary = keras_to_flax(str(save_deeper(model, layout, tmp_path)), str(tmp_path / "out.msgpack"))
+    summary = keras_to_flax(str(save_in_layout(model, layout, tmp_path)), str(tmp_path / "out.msgpack"))
     assert summary.depth == depth and not summary.include_top
     assert_file_matches_keras(f"ResNet{depth} 32px no-top features", tmp_path / "out.msgpack", model,
                               random_images(2, 32, seed=7))

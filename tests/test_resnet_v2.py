@@ -26,7 +26,7 @@ from keras_helpers import (FLOAT32_FACTOR, assert_file_matches_keras, assert_par
                            keras_resnet, layer_weights, random_images, scaled_distance, write_legacy_h5)
 from data_helpers import write_digits_folder
 from flaxresnet.config import Config
-from test_convert import assert_same_variables, save_deeper, strip_layer_names
+from test_convert import assert_same_variables, save_in_layout
 
 SIZE = 64
 CLASSES = 10
@@ -125,20 +125,7 @@ def test_factories():
                                     "keras_archive"])
 def test_every_layout_gives_the_same_variables(resnet50v2, tmp_path, layout):
     model, folder, _ = resnet50v2
-    if layout == "keras2_split_names":
-        path = tmp_path / "k2.h5"
-        write_legacy_h5(path, layer_weights(model), keras2=True, split_layer_names=3, weightless=V2_WEIGHTLESS)
-    elif layout == "full_model_h5":
-        path = tmp_path / "full.h5"
-        model.save(path)
-    elif layout.startswith("weights_h5"):
-        path = tmp_path / "m.weights.h5"
-        model.save_weights(path)
-        if layout.endswith("unnamed"):
-            strip_layer_names(path)  # named by keras_layer_order: V2's, from the BatchNormalization groups
-    else:
-        path = tmp_path / "m.keras"
-        model.save(path)
+    path = save_in_layout(model, layout, tmp_path, weightless=V2_WEIGHTLESS)
     summary = keras_to_flax(str(path), str(tmp_path / "out.msgpack"))
     assert (summary.arch, summary.include_top, summary.num_classes) == ("ResNet50V2", True, CLASSES)
     assert_same_variables(load(tmp_path / "out.msgpack")[0], load(folder / "legacy.msgpack")[0])
@@ -153,7 +140,7 @@ NO_TOP_TENSORS = {depth: 4 * (3 * blocks + 1) + 2 * (5 + blocks) + 2 * blocks
 @pytest.mark.parametrize("depth,layout", [(101, "weights_h5_unnamed"), (152, "keras_archive")])
 def test_deeper_resnet_v2_match_keras(tmp_path, depth, layout):
     model = keras_resnet(depth, include_top=False, size=32, family="v2")
-    summary = keras_to_flax(str(save_deeper(model, layout, tmp_path)), str(tmp_path / "out.msgpack"))
+    summary = keras_to_flax(str(save_in_layout(model, layout, tmp_path)), str(tmp_path / "out.msgpack"))
     assert f"ResNet{depth}V2, no top, {NO_TOP_TENSORS[depth]} tensors" in str(summary)
     assert load(tmp_path / "out.msgpack")[1]["model"] == {"kind": "resnet_v2", "config": {
         "depth": depth, "include_top": False, "num_classes": 1000}}
