@@ -5,7 +5,8 @@ A spec is a preset or a regex searched in each parameter's '/'-joined path (e.g.
 - 'convs' (default, the seed recipe): every backbone conv kernel and bias; backbone BN scale/bias train;
 - 'none': nothing (full fine-tune);
 - 'backbone': every backbone parameter, and the backbone's BN runs in inference mode (feature extraction);
-- 'stages:N' (N = 1..5): every parameter (convs and BN) of the stem (conv1, N = 1) and stages conv2..convN.
+- 'stages:N' (N = 1..5): every parameter (convs and BN) of the stem (conv1, N = 1) and stages conv2..convN;
+  on ResNet V2, stage 5 ends with `post_bn`, so 'stages:5' freezes every backbone parameter on both families.
 Except for 'backbone', BatchNorm runs in training mode (batch statistics, moving statistics updated), as a
 Keras BN layer left trainable does. The train step splits the parameters once: it differentiates and updates
 the trainable subtree only (frozen weights never get a gradient, nor optimizer state), then merges once.
@@ -42,7 +43,8 @@ def frozen_pattern(spec: str) -> re.Pattern[str] | None:
         n = int(stages.group(1))
         if not 1 <= n <= 5:
             raise UserError(f"freeze {spec!r}: N must be 1 (stem) to 5 (all stages)", option="freeze")
-        return re.compile(rf"^backbone/conv[1-{n}]_")
+        closing = "|post_bn/" if n == 5 else ""  # V2's post_bn closes stage 5
+        return re.compile(rf"^backbone/(conv[1-{n}]_{closing})")
     try:
         return re.compile(spec)
     except re.error as e:

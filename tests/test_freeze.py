@@ -12,7 +12,7 @@ from flax import traverse_util
 from engine_helpers import random_backbone, random_batch, small_config, train_steps
 from flaxresnet import freeze, train_lib
 from flaxresnet.errors import UserError
-from flaxresnet.models import Classifier
+from flaxresnet.models import Classifier, ResNetV2
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,19 @@ def test_presets_and_regexes_pick_the_documented_leaves(seed_variables):
     assert frozen_paths(params, "stages:5") == backbone
     assert frozen_paths(params, r"^head/dense_1/") == {"head/dense_1/kernel", "head/dense_1/bias"}
     assert freeze.backbone_bn_train("convs") and not freeze.backbone_bn_train("backbone")
+
+
+def test_stage_presets_on_resnet_v2_count_post_bn_in_stage_5():
+    shapes = jax.eval_shape(ResNetV2(depth=50).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    params = {"backbone": shapes["params"]}
+    backbone = set(traverse_util.flatten_dict(params, sep="/"))
+    post_bn = {"backbone/post_bn/scale", "backbone/post_bn/bias"}
+    assert post_bn <= backbone
+    assert frozen_paths(params, "stages:5") == frozen_paths(params, "backbone") == backbone
+    stage4 = frozen_paths(params, "stages:4")
+    assert stage4 == {p for p in backbone if p.split("/")[1].startswith(("conv1_", "conv2_", "conv3_", "conv4_"))}
+    assert not stage4 & post_bn
+    assert frozen_paths(params, "convs") == {p for p in backbone if p.split("/")[1].endswith("_conv")}
 
 
 @pytest.mark.parametrize("spec, message", [
