@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from flaxresnet import data
-from flaxresnet.models import ResNet
+from flaxresnet.models import BACKBONES, KerasResNet
 
 
 K = TypeVar("K")
@@ -119,11 +119,11 @@ def synthetic_split(examples: int, size: int, classes: int = 100, seed: int = 0)
                       rng.integers(0, classes, examples, dtype=np.int32))
 
 
-def random_resnet50(seed: int = 0) -> tuple[ResNet, dict[str, Any]]:
-    """A random Flax ResNet50 backbone as `load_converted` returns one, (module, variables): He-normal conv
-    kernels, zero biases, BN as Keras initialises it. Drawn with numpy: Flax's jitted random init takes
-    half a minute to compile on 2 CPU cores."""
-    resnet = ResNet(depth=50)
+def random_resnet50(seed: int = 0, family: str = "v1") -> tuple[KerasResNet, dict[str, Any]]:
+    """A random Flax ResNet50 (family 'v1') or ResNet50V2 ('v2') backbone as `load_converted` returns one,
+    (module, variables): He-normal conv kernels, zero biases, BN as Keras initialises it. Drawn with numpy:
+    Flax's jitted random init takes half a minute to compile on 2 CPU cores."""
+    resnet = BACKBONES[family](depth=50)
     shapes = jax.eval_shape(resnet.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
     rng = np.random.default_rng(seed)
 

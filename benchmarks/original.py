@@ -53,16 +53,17 @@ def seed_model(backbone: Any, input_size: int, factor: int, num_classes: int = 1
 
 
 def seed_resnet50(native_size: int, image_size: int, num_classes: int = 100, freeze_convs: bool = True,
-                  dtype: str = "float32") -> Any:
-    """`seed_model` around a randomly initialised `keras.applications.ResNet50(include_top=False)`, taking
-    native_size px images up to image_size px; dtype 'bfloat16' builds it under Keras' mixed_bfloat16 policy."""
+                  dtype: str = "float32", family: str = "v1") -> Any:
+    """`seed_model` around a randomly initialised `keras.applications.ResNet50(include_top=False)` (family 'v1')
+    or `ResNet50V2` ('v2'), taking native_size px images up to image_size px; dtype 'bfloat16' builds it under
+    Keras' mixed_bfloat16 policy."""
     os.environ.setdefault("KERAS_BACKEND", "jax")
     import keras
 
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if dtype == "bfloat16" else "float32")
     try:
-        backbone = keras.applications.ResNet50(include_top=False, weights=None,
-                                               input_shape=(image_size, image_size, 3))
+        build = {"v1": keras.applications.ResNet50, "v2": keras.applications.ResNet50V2}[family]
+        backbone = build(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
         return seed_model(backbone, native_size, image_size // native_size, num_classes, freeze_convs=freeze_convs)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
@@ -91,9 +92,11 @@ def random_eraser(rng: np.random.Generator, p: float = 0.5, area: tuple[float, f
     return eraser
 
 
-def preprocess(images: np.ndarray) -> np.ndarray:
-    """Keras caffe preprocessing (RGB -> BGR, minus the ImageNet means) of uint8 RGB images, in numpy on the
-    host, as the seed applied it to the whole training set once."""
+def preprocess(images: np.ndarray, mode: str = "caffe") -> np.ndarray:
+    """Keras preprocessing of uint8 RGB images in numpy on the host, as the seed applied it to the whole training
+    set once: 'caffe' (ResNet: RGB -> BGR, minus the ImageNet means) or 'tf' (ResNetV2: x / 127.5 - 1)."""
+    if mode == "tf":
+        return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     return images[..., ::-1].astype(np.float32) - np.asarray(CAFFE_MEAN_BGR, np.float32)
 
 

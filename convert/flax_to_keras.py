@@ -9,10 +9,12 @@
   needed.
 - A fine-tuned classifier (kind 'classifier') becomes a `.keras` model that `keras.models.load_model` opens
   without custom objects, computing what the Flax classifier computes: raw RGB images (0..255, the training
-  images' native size) in, logits out (no softmax). Layers: `caffe_preprocess` (a fixed 1x1 Conv2D: RGB -> BGR
-  and minus the ImageNet means, exactly Keras' caffe `preprocess_input`), `upsample` (UpSampling2D by the
-  integer factor for 'nearest', Resizing for 'bilinear'; absent without upsampling), `resnet{depth}` (the
-  keras.applications backbone, no top), `avg_pool`, then the head under the Flax head's names (`dense`,
+  images' native size) in, logits out (no softmax). Layers: the backbone family's preprocessing, as
+  `caffe_preprocess` (ResNet: a fixed 1x1 Conv2D, RGB -> BGR and minus the ImageNet means, exactly Keras' caffe
+  `preprocess_input`) or `tf_preprocess` (ResNetV2: Rescaling(1/127.5, offset=-1), Keras' 'tf' mode up to its
+  float rounding), `upsample` (UpSampling2D by the integer factor for 'nearest', Resizing for 'bilinear'; absent
+  without upsampling), `resnet{depth}` or `resnet{depth}v2` (the keras.applications backbone, no top),
+  `avg_pool`, then the head under the Flax head's names (`dense`,
   `dropout`, `batch_normalization`, `dense_1`). Needs Keras 3 (`pip install 'flaxresnet[keras]'`); runs it
   on the JAX backend unless KERAS_BACKEND says otherwise.
 
@@ -104,10 +106,6 @@ def _check_exportable(model: KerasResNet | Classifier, weights: str, out: str) -
                         f"cannot be exported; start from the current keras-applications weights "
                         f"(python -m convert keras_to_flax --weights imagenet)")
     if isinstance(model, Classifier):
-        if model.family != "v1":
-            raise UserError(f"{weights} holds a classifier on a {arch_name(model.family, model.depth)} backbone: "
-                            f"this flaxresnet exports classifiers on ResNet (v1) backbones only; export its "
-                            f"backbone, or predict and evaluate with flaxresnet")
         if not out.endswith(".keras"):
             raise UserError(f"a classifier exports to a Keras model: give --out a name ending in .keras "
                             f"(got {out})")
@@ -147,9 +145,12 @@ def _keras_classifier(model: Classifier, variables: dict[str, Any], size: tuple[
     """The Keras model computing `model`'s logits from raw RGB images of `size`, holding `variables`."""
     keras = _import_keras()
     layers = keras.layers
-    backbone = {50: keras.applications.ResNet50, 101: keras.applications.ResNet101,
-                152: keras.applications.ResNet152}[model.depth](weights=None, include_top=False)
-    preprocess = layers.Conv2D(3, 1, name="caffe_preprocess", trainable=False)
+    arch = arch_name(model.family, model.depth)
+    backbone = getattr(keras.applications, arch)(weights=None, include_top=False)
+    if model.family == "v1":
+        preprocess = layers.Conv2D(3, 1, name="caffe_preprocess", trainable=False)
+    else:  # 'tf' mode, x / 127.5 - 1
+        preprocess = layers.Rescaling(1 / 127.5, offset=-1.0, name="tf_preprocess")
     inputs = keras.Input((*size, 3), name="image")
     x = preprocess(inputs)
     if model.image_size is not None and tuple(size) != (model.image_size, model.image_size):
@@ -170,12 +171,12 @@ def _keras_classifier(model: Classifier, variables: dict[str, Any], size: tuple[
         x = layers.Dense(model.num_classes, name="dense_1")(x)
     else:
         x = layers.Dense(model.num_classes, name="dense")(x)
-    keras_model = keras.Model(inputs, x, name=f"resnet{model.depth}_classifier")
+    keras_model = keras.Model(inputs, x, name=f"{arch.lower()}_classifier")
 
-    # RGB -> BGR as a permutation (output channel j reads input channel 2 - j), then minus the BGR means.
-    kernel = np.zeros((1, 1, 3, 3), np.float32)
-    kernel[0, 0, [2, 1, 0], [0, 1, 2]] = 1.0
-    preprocess.set_weights([kernel, -np.asarray(CAFFE_MEAN_BGR)])  # rounded to the layer's dtype, as ours are
+    if model.family == "v1":  # RGB -> BGR as a permutation (output channel j reads input 2 - j), minus the means
+        kernel = np.zeros((1, 1, 3, 3), np.float32)
+        kernel[0, 0, [2, 1, 0], [0, 1, 2]] = 1.0
+        preprocess.set_weights([kernel, -np.asarray(CAFFE_MEAN_BGR)])  # rounded to the layer's dtype, as ours are
     backbone_variables = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
     for name, arrays in naming.keras_weights(backbone_variables):
         backbone.get_layer(name).set_weights([a for _, a in arrays])

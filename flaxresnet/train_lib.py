@@ -3,8 +3,8 @@ features), and the one place they are pmapped.
 
 Data parallel over all devices with `jax.pmap(axis_name='batch')`: batches are shaped (devices, per_device,
 ...), gradients and BN statistics are averaged with `lax.pmean`, and training-mode BatchNorm computes its
-statistics over the global batch (the model's `axis_name`). Inside the step, on device: caffe
-preprocessing, augmentation, upsampling, forward, loss, gradients with respect to the trainable
+statistics over the global batch (the model's `axis_name`). Inside the step, on device: the backbone family's
+preprocessing (caffe or tf), augmentation, upsampling, forward, loss, gradients with respect to the trainable
 parameters only (frozen weights never get a gradient), the optimizer.
 
 What the step is compiled for is exactly what it computes with: the model and the `StepSettings` (optimizer
@@ -177,10 +177,22 @@ def _hits(logits: jax.Array, labels: jax.Array) -> Metrics:
     return hits
 
 
-def _step_keys(rng: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(the augmentation key of step `step`, this device's dropout key) from the run's key."""
-    augment_key, dropout_key = jax.random.split(jax.random.fold_in(rng, step))
-    return augment_key, jax.random.fold_in(dropout_key, jax.lax.axis_index(AXIS))
+def _step_keys(rng: jax.Array, step: jax.Array | int) -> jax.Array:
+    """Step `step`'s (augmentation key, dropout key) from the run's key."""
+    return jax.random.split(jax.random.fold_in(rng, step))
+
+
+def example_keys(rng: jax.Array, step: jax.Array | int, first: jax.Array | int, count: int) -> jax.Array:
+    """The augmentation keys of the global batch's examples first .. first + count - 1 at step `step`: the
+    step's augmentation key folded with each example's index, so that augmentations do not depend on the device
+    count (and a reference implementation can draw the same ones outside the step)."""
+    augment_key = _step_keys(rng, step)[0]
+    return jax.vmap(functools.partial(jax.random.fold_in, augment_key))(first + jnp.arange(count))
+
+
+def _dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:
+    """This device's dropout key at step `step`."""
+    return jax.random.fold_in(_step_keys(rng, step)[1], jax.lax.axis_index(AXIS))
 
 
 # forward(variables, rngs) -> (logits, {'batch_stats': updated}): a step's model call in training mode.
@@ -220,17 +232,15 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainSt
     """
     settings = state.settings
     local = batch["label"].shape[0]
-    augment_key, dropout_key = _step_keys(rng, state.step)
-    first = jax.lax.axis_index(AXIS) * local
-    example_keys = jax.vmap(functools.partial(jax.random.fold_in, augment_key))(first + jnp.arange(local))
-    augment = functools.partial(augment_lib.augment, keys=example_keys, names=settings.augment,
+    keys = example_keys(rng, state.step, jax.lax.axis_index(AXIS) * local, local)
+    augment = functools.partial(augment_lib.augment, keys=keys, names=settings.augment,
                                 cutout_size=settings.cutout_size) if settings.augment else None
 
     def forward(variables: Variables, rngs: dict[str, jax.Array]) -> tuple[jax.Array, Variables]:
         return state.model.apply(variables, batch["image"], train=True, augment=augment, mutable=["batch_stats"],
                                  rngs=rngs)
 
-    return _optimizer_step(state, batch["label"], forward, dropout_key)
+    return _optimizer_step(state, batch["label"], forward, _dropout_key(rng, state.step))
 
 
 def _head_logits(model: Classifier, variables: Variables, features: jax.Array, **apply: Any) -> Any:
@@ -246,13 +256,11 @@ def head_train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[Tr
     'label': int32 (B,)}. The keys, the optimizer and the returned state and metrics are `train_step`'s, so the
     two steps continue each other's states.
     """
-    _, dropout_key = _step_keys(rng, state.step)
-
     def forward(variables: Variables, rngs: dict[str, jax.Array]) -> tuple[jax.Array, Variables]:
         return _head_logits(state.model, variables, batch["features"], train=True, mutable=["batch_stats"],
                             rngs=rngs)
 
-    return _optimizer_step(state, batch["label"], forward, dropout_key)
+    return _optimizer_step(state, batch["label"], forward, _dropout_key(rng, state.step))
 
 
 def _eval_sums(logits: jax.Array, batch: Batch) -> tuple[Metrics, jax.Array]:

@@ -64,9 +64,21 @@ def test_variant_parsing():
     assert str(train_step.Variant.parse("keras:none:bfloat16")) == "keras:none:bfloat16"
     with pytest.raises(argparse.ArgumentTypeError, match="IMPL:FREEZE:DTYPE"):
         train_step.Variant.parse("flax:convs")
+    v2 = train_step.Variant.parse("flax:convs:float32:v2")
+    assert (v2.family, str(v2)) == ("v2", "flax:convs:float32:v2")
+    assert train_step.Variant.parse("flax:convs:float32:v1") == train_step.Variant.parse("flax:convs:float32")
     assert str(torch_step.Variant.parse("torch:compile:bfloat16")) == "torch:compile:bfloat16"
     with pytest.raises(argparse.ArgumentTypeError, match="IMPL:EXEC:DTYPE"):
         torch_step.Variant.parse("torch:jit:bfloat16")
+
+
+def test_train_step_ratios_pair_each_family_with_its_own_kind():
+    times = {train_step.Variant.parse(spec): seconds for spec, seconds in (
+        ("flax:convs:float32", [1.0, 1.0]), ("keras:convs:float32", [4.0, 2.0]),
+        ("flax:convs:float32:v2", [3.0, 1.5]), ("keras:convs:float32:v2", [6.0, 6.0]))}
+    assert train_step.ratios(times) == {
+        "flax/keras convs float32": 0.375, "v2/v1 flax convs float32": 2.25,
+        "flax/keras convs float32 v2": 0.375, "v2/v1 keras convs float32": 2.25}
 
 
 def test_torch_step_writes_json(tmp_path):

@@ -2,6 +2,7 @@
 and every refused input (one line on stderr, exit status 2, no output written or changed)."""
 
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -32,14 +33,12 @@ def keras_files(tmp_path_factory):
     return model, folder
 
 
-@pytest.fixture(scope="module")
-def classifier(keras_files):
-    """A fine-tuned classifier file as train_lib saves it: the converted backbone, 32 -> 64 px nearest
-    upsampling, a seed head with random biases, BN parameters and BN moving statistics."""
-    _, folder = keras_files
-    config = Config(num_classes=10, image_size=2 * SIZE, batch_size=2)
-    state = train_lib.create_train_state(config, jax.random.key(1), (SIZE, SIZE, 3),
-                                         backbone=load_converted(folder / "notop.msgpack"))
+def save_seed_classifier(backbone: Path, out: Path, native: int, classes: int = 10) -> Path:
+    """A fine-tuned classifier file `out` as train_lib saves it: the backbone file's ResNet, native -> 2 x native px
+    nearest upsampling, a seed head with random biases, BN parameters and BN moving statistics."""
+    config = Config(num_classes=classes, image_size=2 * native, batch_size=2)
+    state = train_lib.create_train_state(config, jax.random.key(1), (native, native, 3),
+                                         backbone=load_converted(backbone))
     rng = np.random.default_rng(2)
 
     def randomize(path, x):
@@ -54,9 +53,35 @@ def classifier(keras_files):
             for c in ("params", "batch_stats")}
     state = state.replace(params={**state.params, "head": head["params"]},
                           batch_stats={**state.batch_stats, "head": head["batch_stats"]})
-    train_lib.save_classifier(str(folder / "classifier.msgpack"), state, image_shape=[SIZE, SIZE, 3],
-                              class_names=[f"class_{i}" for i in range(10)])
-    return folder / "classifier.msgpack"
+    train_lib.save_classifier(str(out), state, image_shape=[native, native, 3],
+                              class_names=[f"class_{i}" for i in range(classes)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def classifier(keras_files):
+    """`save_seed_classifier` of the converted no-top backbone, 32 -> 64 px."""
+    return save_seed_classifier(keras_files[1] / "notop.msgpack", keras_files[1] / "classifier.msgpack", SIZE)
+
+
+def assert_export_matches(classifier: Path, folder: Path, arch: str, layer_names: list[str], capsys) -> None:
+    """`flax_to_keras` of the classifier file (an `arch` backbone, native SIZE px) through the CLI gives a `.keras`
+    model with `layer_names` whose logits on raw images are flaxresnet's, in float32 and float64 (issue 10's contract)."""
+    import keras
+
+    out = classifier.with_suffix(".keras")
+    status, printed, _ = run_cli(capsys, classifier)  # --out defaults to IN with .keras
+    assert status == 0 and f"{arch} + seed head, 10 classes; raw RGB {SIZE}x{SIZE} in, logits out" in printed
+    reloaded = keras.models.load_model(out)
+    assert [layer.name for layer in reloaded.layers] == layer_names
+    images = random_images(4, SIZE, seed=6)  # raw RGB 0..255: the model preprocesses and upsamples itself
+    keras32, ours32 = reloaded.predict(images, verbose=0), flax_predict(classifier, images)
+    with float64():  # the same export built in float64 Keras, against flaxresnet in float64
+        flax_to_keras(str(classifier), str(folder / "float64.keras"))
+        keras64 = keras.models.load_model(folder / "float64.keras").predict(images.astype(np.float64), verbose=0)
+        ours64 = flax_predict(classifier, images, "float64")
+    assert keras64.dtype == np.float64
+    assert_parity(f"{arch} classifier .keras vs flaxresnet logits", ours32, ours64, keras32, keras64)
 
 
 def features(model):
@@ -105,23 +130,9 @@ def test_top_round_trip_reproduces_keras_probabilities(keras_files):
 
 
 def test_classifier_exports_to_keras_model_with_the_same_logits(classifier, tmp_path, capsys):
-    import keras
-
-    out = classifier.with_suffix(".keras")
-    status, printed, _ = run_cli(capsys, classifier)  # --out defaults to IN with .keras
-    assert status == 0 and "ResNet50 + seed head, 10 classes; raw RGB 32x32 in, logits out" in printed
-    reloaded = keras.models.load_model(out)
-    assert [layer.name for layer in reloaded.layers] == [
+    assert_export_matches(classifier, tmp_path, "ResNet50", [
         "image", "caffe_preprocess", "upsample", "resnet50", "avg_pool", "dense", "dropout",
-        "batch_normalization", "dense_1"]
-    images = random_images(4, SIZE, seed=6)  # raw RGB 0..255: the model preprocesses and upsamples itself
-    keras32, ours32 = reloaded.predict(images, verbose=0), flax_predict(classifier, images)
-    with float64():  # the same export built in float64 Keras, against flaxresnet in float64
-        flax_to_keras(str(classifier), str(tmp_path / "float64.keras"))
-        keras64 = keras.models.load_model(tmp_path / "float64.keras").predict(images.astype(np.float64), verbose=0)
-        ours64 = flax_predict(classifier, images, "float64")
-    assert keras64.dtype == np.float64
-    assert_parity("classifier .keras vs flaxresnet logits", ours32, ours64, keras32, keras64)
+        "batch_normalization", "dense_1"], capsys)
 
 
 @pytest.mark.parametrize("method", ["nearest", "bilinear"])

@@ -27,6 +27,7 @@ from keras_helpers import (FLOAT32_FACTOR, assert_file_matches_keras, assert_par
 from data_helpers import write_digits_folder
 from flaxresnet.config import Config
 from test_convert import assert_same_variables, save_in_layout
+from test_export import assert_export_matches, save_seed_classifier
 
 SIZE = 64
 CLASSES = 10
@@ -282,6 +283,15 @@ def test_backbone_round_trip_keras_flax_keras_is_bit_exact(resnet50v2, tmp_path,
     assert all(np.array_equal(np.asarray(w), expected[w.path]) for w in reloaded.weights)
     keras_to_flax(str(tmp_path / "back.h5"), str(tmp_path / "again.msgpack"))
     assert_same_variables(load(tmp_path / "again.msgpack")[0], load(folder / "legacy.msgpack")[0])
+
+
+def test_v2_classifier_exports_to_keras_model_with_the_same_logits(resnet50v2, tmp_path, capsys):
+    """A fine-tuned V2 classifier becomes a `.keras` model with 'tf' preprocessing built in (Rescaling) around
+    keras.applications.ResNet50V2, whose logits on raw images are flaxresnet's within Keras' float32 rounding."""
+    classifier = save_seed_classifier(resnet50v2[1] / "legacy.msgpack", tmp_path / "classifier.msgpack", 32)
+    assert_export_matches(classifier, tmp_path, "ResNet50V2", [
+        "image", "tf_preprocess", "upsample", "resnet50v2", "avg_pool", "dense", "dropout",
+        "batch_normalization", "dense_1"], capsys)
 
 
 def test_train_py_fine_tunes_a_v2_backbone_with_frozen_convs(resnet50v2, tmp_path, capsys):

@@ -5,7 +5,9 @@ are copied directly.
 
 Both are run in float64 too, from the same float32 weights: there flaxresnet equals Keras to 1e-9 (on one
 device and on two, whose BN statistics and gradients are averaged over the global batch), which proves that
-nothing but rounding separates them. The float32 runs are bounded by Keras' own float32 distance to the
+nothing but rounding separates them. On a ResNet50V2 backbone ('tf' preprocessing) the recipe also has the seed's
+random erasing, Keras fed the very images flaxresnet's step erases (`train_lib.example_keys`); V2's contract is
+the float64 one, on one device and on two. The float32 runs are bounded by Keras' own float32 distance to the
 float64 run. The learning rate is the recipe's 1e-3, where a 10-step trajectory is sensitive to rounding
 (Adam's first steps move every parameter by about lr * sign(g), so gradient elements near zero flip with
 rounding noise): a float32 bound fixed in advance would be one CPU's rounding, this one holds on any CPU.
@@ -30,6 +32,7 @@ from flax import serialization, traverse_util
 
 from benchmarks.original import seed_model
 from convert.keras_to_flax import keras_to_flax
+from flaxresnet import augment as augment_lib
 from flaxresnet import freeze, load_converted, preprocess_input, train_lib
 from flaxresnet.config import Config
 from flaxresnet.data import shard
@@ -38,15 +41,19 @@ from keras_helpers import FLOAT64_RTOL, assert_parity, float64, float64_twin, ke
 
 STEPS = 10
 BATCH = 8
-SIZE = 32
+SIZE = 16  # native: the model sees 32 px
 CLASSES = 100
 LEARNING_RATE = 1e-3
+# The augmentation of each family's recipe (the V1 test predates random erasing in it).
+AUGMENT = {"v1": (), "v2": ("random-erasing",)}
+PREPROCESS = {"v1": "caffe", "v2": "tf"}
 
 
-def seed_model_keras():
+def seed_model_keras(family: str = "v1"):
     """The seed's Sequential (benchmarks/original.py) with one UpSampling2D(2), dropout off and LEARNING_RATE,
-    around a ResNet50 with randomized BN; every BN of the model randomized. Returns (model, backbone)."""
-    backbone = keras_resnet(50, include_top=False, size=2 * SIZE, seed=0)
+    around a ResNet50 (or ResNet50V2) with randomized BN; every BN of the model randomized. Returns (model,
+    backbone)."""
+    backbone = keras_resnet(50, include_top=False, size=2 * SIZE, seed=0, family=family)
     model = seed_model(backbone, SIZE, 2, CLASSES, dropout=0.0, learning_rate=LEARNING_RATE)
     randomize_batchnorm(model, seed=1)
     return model, backbone
@@ -61,14 +68,14 @@ def seed_model_keras64(model, backbone):
     return model64, backbone64
 
 
-def config(dtype: str) -> Config:
-    return Config(num_classes=CLASSES, image_size=2 * SIZE, dropout=0.0, augment=(), batch_size=BATCH,
-                  learning_rate=LEARNING_RATE, dtype=dtype)
+def config(dtype: str, family: str = "v1") -> Config:
+    return Config(num_classes=CLASSES, image_size=2 * SIZE, dropout=0.0, augment=AUGMENT[family],
+                  batch_size=BATCH, learning_rate=LEARNING_RATE, dtype=dtype)
 
 
-def flax_state_from_keras(model, backbone_file: Path, dtype: str) -> train_lib.TrainState:
+def flax_state_from_keras(model, backbone_file: Path, dtype: str, family: str = "v1") -> train_lib.TrainState:
     """A seed-recipe TrainState in `dtype` holding the Keras model's weights (backbone from its converted file)."""
-    state = train_lib.create_train_state(config(dtype), jax.random.key(0),
+    state = train_lib.create_train_state(config(dtype, family), jax.random.key(0),
                                          backbone=load_converted(backbone_file, dtype=dtype))
     backbone = keras_backbone(model)
     dense, bn, dense_1 = (layer for layer in model.layers if layer.weights and layer is not backbone)
@@ -101,10 +108,19 @@ def keras_bn_stats(model) -> dict[str, np.ndarray]:
     return out
 
 
-def train_keras(model, batches: list[dict], dtype: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def keras_inputs(batch: dict, step: int, dtype: str, family: str) -> np.ndarray:
+    """What the Keras model trains on at `step`: the family's `preprocess_input` of the batch, then the recipe's
+    augmentation drawn with the keys flaxresnet's step `step` uses (its rng is jax.random.key(0))."""
+    images = preprocess_input(batch["image"], dtype, mode=PREPROCESS[family])
+    keys = train_lib.example_keys(jax.random.key(0), step, 0, len(images))
+    return np.asarray(augment_lib.augment(images, keys, AUGMENT[family]))
+
+
+def train_keras(model, batches: list[dict], dtype: str,
+                family: str = "v1") -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Per-step losses of `train_on_batch` on `batches`, and the BN moving statistics after them."""
-    losses = [float(model.train_on_batch(np.asarray(preprocess_input(b["image"], dtype)), b["label"],
-                                         return_dict=True)["loss"]) for b in batches]
+    losses = [float(model.train_on_batch(keras_inputs(b, step, dtype, family), b["label"],
+                                         return_dict=True)["loss"]) for step, b in enumerate(batches)]
     return np.array(losses), keras_bn_stats(model)
 
 
@@ -128,7 +144,7 @@ sys.path[:0] = [{tests!r}, {root!r}]
 import test_train_parity as t
 from flaxresnet import train_lib
 assert jax.local_device_count() == 2 and jax.config.jax_enable_x64
-state = train_lib.create_train_state(t.config("float64"), jax.random.key(0),
+state = train_lib.create_train_state(t.config("float64", {family!r}), jax.random.key(0),
                                      backbone=t.load_converted({backbone!r}, dtype="float64"))
 state = serialization.from_bytes(state, open({folder!r} + "/state64.msgpack", "rb").read())
 data = np.load({folder!r} + "/batches.npz")
@@ -140,7 +156,7 @@ np.savez({folder!r} + "/two.npz", losses=losses, **stats)
 
 @contextlib.contextmanager
 def training_on_two_devices(state: train_lib.TrainState, batches: list[dict], backbone_file: Path,
-                            folder: Path) -> Iterator[Callable[[], tuple[np.ndarray, dict[str, np.ndarray]]]]:
+                            folder: Path, family: str = "v1") -> Iterator[Callable[[], tuple[np.ndarray, dict[str, np.ndarray]]]]:
     """`train_flax` of a float64 state on two devices, in a subprocess that runs while the block does (the two
     share the 2 CPU cores, and much of both is single-threaded compiling); the block gets a function that waits
     for the result. The subprocess is ended when the block is left."""
@@ -148,7 +164,7 @@ def training_on_two_devices(state: train_lib.TrainState, batches: list[dict], ba
     np.savez(folder / "batches.npz", **{f"{k}{i}": b[k] for i, b in enumerate(batches) for k in b})
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_ENABLE_X64": "1"}
     script = TWO_DEVICES.format(tests=str(Path(__file__).parent), root=str(Path(__file__).parents[1]),
-                                backbone=str(backbone_file), folder=str(folder))
+                                backbone=str(backbone_file), folder=str(folder), family=family)
     with open(folder / "two.err", "w") as err:
         process = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=err)
 
@@ -164,27 +180,38 @@ def training_on_two_devices(state: train_lib.TrainState, batches: list[dict], ba
         process.wait()
 
 
-def test_seed_recipe_trains_like_keras(tmp_path):
+def keras_seed_recipe(folder: Path, family: str):
+    """The Keras seed model, its backbone converted by the project's converter into folder/backbone.msgpack, and
+    STEPS random batches. Returns (model, backbone, backbone file, batches)."""
     from keras.src.legacy.saving import legacy_h5_format
 
-    model, backbone = seed_model_keras()
-    with h5py.File(tmp_path / "backbone.h5", "w") as f:
+    model, backbone = seed_model_keras(family)
+    with h5py.File(folder / "backbone.h5", "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, backbone)
-    keras_to_flax(str(tmp_path / "backbone.h5"), str(tmp_path / "backbone.msgpack"))
-    state = flax_state_from_keras(model, tmp_path / "backbone.msgpack", "float32")
-    counts = freeze.parameter_counts(state.variables(), freeze.frozen_paths(state.params, "convs"))
-    keras_trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-    assert (counts["trainable"], counts["total"]) == (keras_trainable, model.count_params())
+    keras_to_flax(str(folder / "backbone.h5"), str(folder / "backbone.msgpack"))
     rng = np.random.default_rng(7)
     batches = [{"image": rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8),
                 "label": rng.integers(0, CLASSES, BATCH).astype(np.int32)} for _ in range(STEPS)]
+    return model, backbone, folder / "backbone.msgpack", batches
+
+
+def assert_trains_what_keras_trains(state: train_lib.TrainState, model) -> None:
+    """The state's trainable and total parameter counts under the recipe's 'convs' freeze are the Keras model's."""
+    counts = freeze.parameter_counts(state.variables(), freeze.frozen_paths(state.params, "convs"))
+    keras_trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert (counts["trainable"], counts["total"]) == (keras_trainable, model.count_params())
+
+
+def test_seed_recipe_trains_like_keras(tmp_path):
+    model, backbone, backbone_file, batches = keras_seed_recipe(tmp_path, "v1")
+    state = flax_state_from_keras(model, backbone_file, "float32")
+    assert_trains_what_keras_trains(state, model)
 
     with contextlib.ExitStack() as background:
         with float64():  # before the float32 runs change the Keras weights
             model64, _ = seed_model_keras64(model, backbone)
-            state64 = flax_state_from_keras(model64, tmp_path / "backbone.msgpack", "float64")
-            two_devices = background.enter_context(
-                training_on_two_devices(state64, batches, tmp_path / "backbone.msgpack", tmp_path))
+            state64 = flax_state_from_keras(model64, backbone_file, "float64")
+            two_devices = background.enter_context(training_on_two_devices(state64, batches, backbone_file, tmp_path))
             keras64 = train_keras(model64, batches, "float64")
             flax64 = train_flax(state64, batches)
         keras32, flax32 = train_keras(model, batches, "float32"), train_flax(state, batches)
@@ -202,3 +229,27 @@ def test_seed_recipe_trains_like_keras(tmp_path):
     print(f"float64 on 2 devices vs Keras float64: {two}")
     assert max(two.values()) <= FLOAT64_RTOL, two
     print(json.dumps({**figures, "two devices": two}))
+
+
+def test_seed_recipe_on_resnet_v2_trains_like_keras_in_float64(tmp_path):
+    model, backbone, backbone_file, batches = keras_seed_recipe(tmp_path, "v2")
+    with float64():
+        model64, _ = seed_model_keras64(model, backbone)
+        state64 = flax_state_from_keras(model64, backbone_file, "float64", "v2")
+        assert state64.model.family == "v2" and state64.settings.augment == ("random-erasing",)
+        assert_trains_what_keras_trains(state64, model64)
+        erased = keras_inputs(batches[0], 0, "float64", "v2") != preprocess_input(batches[0]["image"], "float64",
+                                                                                   mode="tf")
+        assert 0 < erased.any(axis=(1, 2, 3)).sum() < BATCH  # some images erased, some not: the test sees it
+        with training_on_two_devices(state64, batches, backbone_file, tmp_path, "v2") as two_devices:
+            keras64 = train_keras(model64, batches, "float64", "v2")
+            flax64 = train_flax(state64, batches)
+            two64 = two_devices()
+    initial = traverse_util.flatten_dict(jax.device_get(state64.batch_stats), sep="/")
+    assert sorted(flax64[1]) == sorted(keras64[1]) == sorted(initial)
+    assert all(np.abs(flax64[1][k] - initial[k]).max() > 1e-3 for k in initial)  # every statistic moved
+    figures = {"losses": scaled_distance(flax64[0], keras64[0]), "statistics": scaled_distance(flax64[1], keras64[1]),
+               "two devices, losses": scaled_distance(two64[0], keras64[0]),
+               "two devices, statistics": scaled_distance(two64[1], keras64[1])}
+    print(f"ResNet50V2 seed recipe with random erasing, 10 steps, float64 vs Keras float64: {json.dumps(figures)}")
+    assert max(figures.values()) <= FLOAT64_RTOL, figures
