@@ -17,7 +17,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     k2f = sub.add_parser("keras_to_flax", help="convert a Keras ResNet50/101/152 or ResNet50V2/101V2/152V2 weights "
-                                               "file to flaxresnet")
+                                               "file, or a whole Keras classifier on one, to flaxresnet")
     k2f.add_argument("--weights", default="imagenet",
                      help="'imagenet' (download the official file, cached in ~/.keras/models) or a path to a "
                           "Keras .h5 / .weights.h5 / .keras file (default: imagenet)")
@@ -30,6 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "(ResNet50V2/101V2/152V2); a file's own family is detected")
     k2f.add_argument("--include-top", action="store_true",
                      help="with --weights imagenet: the file with the 1000-class classifier")
+    k2f.add_argument("--preprocessing", choices=("caffe", "tf", "none"),
+                     help="a whole Keras classifier only: the preprocessing its inputs were given outside the model "
+                          "(default: the backbone family's preprocess_input, caffe for ResNet and tf for ResNetV2, "
+                          "unless the model preprocesses inside)")
     k2f.add_argument("--pool1-pad", type=int, choices=(0, 1), default=1,
                      help="zero padding before the stem max pool: 1 (Keras >= 2.2.4, default) or 0 for models "
                           "built with older keras_applications resnet50.py")
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             from convert.keras_to_flax import keras_to_flax
 
             print(keras_to_flax(args.weights, args.out, depth=args.depth, include_top=args.include_top,
-                                pool1_pad=args.pool1_pad, family=args.family))
+                                pool1_pad=args.pool1_pad, family=args.family, preprocessing=args.preprocessing))
         elif args.command == "flax_to_keras":
             from convert.flax_to_keras import flax_to_keras
 

@@ -3,7 +3,6 @@ cache."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.error
 import urllib.request
@@ -12,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flaxresnet.errors import UserError
-from flaxresnet.weights_file import atomic_write
+from flaxresnet.weights_file import atomic_write, md5sum
 
 BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
 # (top, notop) md5 per depth, as keras.applications.resnet.WEIGHTS_HASHES: ResNet50/101/152 ('resnet50', ...)
@@ -41,15 +40,6 @@ def file_name(depth: int, include_top: bool, family: str = "v1") -> str:
 def cache_dir() -> Path:
     """Where Keras caches application weights: $KERAS_HOME/models, else ~/.keras/models."""
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
-
-
-def md5sum(path: Path) -> str:
-    """Hex md5 of a file, read in chunks."""
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def imagenet_weights(depth: int, include_top: bool, family: str = "v1") -> Path:

@@ -9,10 +9,11 @@
   needed.
 - A fine-tuned classifier (kind 'classifier') becomes a `.keras` model that `keras.models.load_model` opens
   without custom objects, computing what the Flax classifier computes: raw RGB images (0..255, the training
-  images' native size) in, logits out (no softmax). Layers: the backbone family's preprocessing, as
+  images' native size) in, logits out (no softmax). Layers: the classifier's preprocessing (its backbone
+  family's unless it records another), as
   `caffe_preprocess` (ResNet: a fixed 1x1 Conv2D, RGB -> BGR and minus the ImageNet means, exactly Keras' caffe
   `preprocess_input`) or `tf_preprocess` (ResNetV2: Rescaling(1/127.5, offset=-1), Keras' 'tf' mode up to its
-  float rounding), `upsample` (UpSampling2D by the integer factor for 'nearest', Resizing for 'bilinear'; absent
+  float rounding; absent for 'none'), `upsample` (UpSampling2D by the integer factor for 'nearest', Resizing for 'bilinear'; absent
   without upsampling), `resnet{depth}` or `resnet{depth}v2` (the keras.applications backbone, no top),
   `avg_pool`, then the head under the Flax head's names (`dense`,
   `dropout`, `batch_normalization`, `dense_1`). Needs Keras 3 (`pip install 'flaxresnet[keras]'`); runs it
@@ -76,7 +77,7 @@ def flax_to_keras(weights: str, out: str | None = None) -> Summary:
     suffix = ".keras" if isinstance(model, Classifier) else ".h5"
     out = str(Path(weights).with_suffix(suffix)) if out is None else out
     _check_exportable(model, weights, out)
-    arch = arch_name(model.family if isinstance(model, Classifier) else family_of(model), model.depth)
+    arch = arch_name(family_of(model), model.depth)
     if isinstance(model, KerasResNet):
         layers = naming.keras_weights(variables)
         weights_file.atomic_write(out, lambda f: _write_legacy_h5(f, layers), mode="w+b")
@@ -147,12 +148,12 @@ def _keras_classifier(model: Classifier, variables: dict[str, Any], size: tuple[
     layers = keras.layers
     arch = arch_name(model.family, model.depth)
     backbone = getattr(keras.applications, arch)(weights=None, include_top=False)
-    if model.family == "v1":
-        preprocess = layers.Conv2D(3, 1, name="caffe_preprocess", trainable=False)
-    else:  # 'tf' mode, x / 127.5 - 1
-        preprocess = layers.Rescaling(1 / 127.5, offset=-1.0, name="tf_preprocess")
+    mode = model.preprocess_mode
+    preprocess = {"caffe": lambda: layers.Conv2D(3, 1, name="caffe_preprocess", trainable=False),
+                  "tf": lambda: layers.Rescaling(1 / 127.5, offset=-1.0, name="tf_preprocess"),  # x / 127.5 - 1
+                  "none": lambda: None}[mode]()
     inputs = keras.Input((*size, 3), name="image")
-    x = preprocess(inputs)
+    x = inputs if preprocess is None else preprocess(inputs)
     if model.image_size is not None and tuple(size) != (model.image_size, model.image_size):
         if model.upsample == "nearest":
             if model.image_size % size[0] or model.image_size % size[1]:
@@ -173,7 +174,7 @@ def _keras_classifier(model: Classifier, variables: dict[str, Any], size: tuple[
         x = layers.Dense(model.num_classes, name="dense")(x)
     keras_model = keras.Model(inputs, x, name=f"{arch.lower()}_classifier")
 
-    if model.family == "v1":  # RGB -> BGR as a permutation (output channel j reads input 2 - j), minus the means
+    if mode == "caffe":  # RGB -> BGR as a permutation (output channel j reads input 2 - j), minus the means
         kernel = np.zeros((1, 1, 3, 3), np.float32)
         kernel[0, 0, [2, 1, 0], [0, 1, 2]] = 1.0
         preprocess.set_weights([kernel, -np.asarray(CAFFE_MEAN_BGR)])  # rounded to the layer's dtype, as ours are

@@ -25,6 +25,8 @@ import numpy as np
 
 from flaxresnet.errors import UserError
 
+# The weights of Conv2D, Dense and BatchNormalization layers in Keras order.
+_WEIGHT_ORDER = ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance")
 # Keras 3 saving names each layer group after its class in snake case, numbered in `model.layers` order.
 _KERAS3_CLASS_GROUPS = {"conv2d": "Conv2D", "batch_normalization": "BatchNormalization", "dense": "Dense"}
 
@@ -50,23 +52,37 @@ def _attr_strings(group: h5py.Group, name: str) -> list[str]:
 
 
 def _read_legacy(group: h5py.Group) -> dict[str, list[np.ndarray]]:
-    layers = {}
+    """Every layer's arrays; a nested model's group (a model used as a layer) gives the arrays of its own layers,
+    which its weight names (`<layer>/<weight>`, their order trainable-first) name, in each layer's Keras order."""
+    layers: dict[str, list[np.ndarray]] = {}
     for name in _attr_strings(group, "layer_names"):
         if name not in group:
             raise UserError(f"layer {name!r} is listed in the file's layer_names but has no group: "
                             f"the file is damaged; download or save it again")
-        weight_names = _attr_strings(group[name], "weight_names")
-        if weight_names:
-            layers[name] = [np.asarray(group[name][w]) for w in weight_names]
+        nested: dict[str, list[tuple[str, np.ndarray]]] = {}
+        for weight in _attr_strings(group[name], "weight_names"):
+            parts = weight.split(":")[0].split("/")  # [model/]layer/weight, Keras 2 with ':0'
+            layer = parts[-2] if len(parts) > 1 else name
+            nested.setdefault(layer, []).append((parts[-1], np.asarray(group[name][weight])))
+        for layer, named in nested.items():
+            if layer in layers:
+                raise UserError(f"two layers of the file are named {layer!r}: save the model with unique layer "
+                                f"names")
+            if layer != name:  # a nested model's layer: Keras order (its file lists trainable weights first)
+                named = sorted(named, key=lambda nw: _WEIGHT_ORDER.index(nw[0]) if nw[0] in _WEIGHT_ORDER
+                               else len(_WEIGHT_ORDER))
+            layers[layer] = [array for _, array in named]
     return layers
 
 
 def _read_keras3(group: h5py.Group, names_in_order: list[tuple[str, str]] | None,
                  canonical: Callable[[Counter], list[tuple[str, str]]]) -> dict[str, list[np.ndarray]]:
-    """Read `layers/*/vars`; names come from the `name` attr, else from (class, name) pairs in layer order."""
+    """Read `layers/*/vars` (and a nested model's `layers/<model>/layers/*/vars`); names come from the `name`
+    attr, else (no nested model) from (class, name) pairs in layer order."""
+    named = _named_keras3_groups(group)
+    if named:
+        return {name: _vars(g) for name, g in named.items()}
     groups = {k: g for k, g in group["layers"].items() if "vars" in g and len(g["vars"])}
-    if groups and all("name" in g["vars"].attrs for g in groups.values()):
-        return {_attr_str(g["vars"].attrs["name"]): _vars(g) for g in groups.values()}
     counts = Counter(_group_class(k) for k in groups)
     order = names_in_order if names_in_order is not None else canonical(counts)
     by_group, seen = {}, Counter()
@@ -83,6 +99,23 @@ def _read_keras3(group: h5py.Group, names_in_order: list[tuple[str, str]] | None
         raise UserError(f"cannot tell which layer the weight groups {unnamed[:5]} belong to: "
                         f"save the model as a legacy .h5 or a .keras archive and convert that")
     return {by_group[k]: _vars(g) for k, g in groups.items()}
+
+
+def _named_keras3_groups(group: h5py.Group) -> dict[str, h5py.Group] | None:
+    """Layer name -> group of every layer with weights, nested models' layers included, when each group carries
+    its layer's name (recent Keras 3 writers); None otherwise."""
+    out: dict[str, h5py.Group] = {}
+    for g in group["layers"].values():
+        if "layers" in g:  # a nested model
+            inner = _named_keras3_groups(g)
+            if inner is None:
+                return None
+            out.update(inner)
+        elif "vars" in g and len(g["vars"]):
+            if "name" not in g["vars"].attrs:
+                return None
+            out[_attr_str(g["vars"].attrs["name"])] = g
+    return out
 
 
 def _attr_str(v: bytes | str) -> str:
@@ -114,6 +147,18 @@ def _read_h5(f: h5py.File, names_in_order: list[tuple[str, str]] | None,
         return KerasWeights(_read_keras3(f, names_in_order, canonical), "Keras 3 .weights.h5")
     raise UserError("the HDF5 file holds no Keras weights (no layer_names, model_weights/ or layers/): "
                     "pass a Keras weights file (.h5, .weights.h5 or .keras)")
+
+
+def read_model_config(path: str | Path) -> dict | None:
+    """The architecture (Keras' model config: class_name and config) of a whole-model file, a `.keras` archive or
+    a legacy full-model `.h5`; None for a weights-only file. Call after `read_keras_weights` has read the file."""
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            return json.loads(z.read("config.json"))
+    with h5py.File(path, "r") as f:
+        config = f.attrs.get("model_config")
+    return None if config is None else json.loads(_attr_str(config))
 
 
 def read_keras_weights(path: str | Path,

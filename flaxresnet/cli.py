@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from flaxresnet.config import Config
+from flaxresnet.config import Config, both_starts
 from flaxresnet.errors import UserError, spelled_as
 
 
@@ -56,15 +56,23 @@ def _value_to_text(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+# The parsed value of a required option that may be replaced by another (`option(instead=...)`) and is not given.
+_NOT_GIVEN = object()
+
+
 def add_option(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
     """The flag of one Config field, with its help, default, choices and metavar."""
     meta = field.metadata
+    required = meta["required"] and meta["instead"] is None
     text = meta["help"] if "(default:" in meta["help"] or meta["required"] else \
         f"{meta['help']} (default: {_value_to_text(field.default)})"
+    if meta["instead"] is not None:
+        text += f" (required, unless {flag(meta['instead'])} is given)"
     choices = meta["choices"]
     parser.add_argument(flag(field.name), dest=field.name,
-                        type=_text_to_value(typing.get_type_hints(Config)[field.name]), default=field.default,
-                        required=meta["required"], help=text.replace("%", "%%"),
+                        type=_text_to_value(typing.get_type_hints(Config)[field.name]),
+                        default=_NOT_GIVEN if meta["instead"] is not None else field.default,
+                        required=required, help=text.replace("%", "%%"),
                         metavar=meta["metavar"] or ("{" + ",".join(map(str, choices)) + "}" if choices else None))
 
 
@@ -77,7 +85,18 @@ def parse_config(argv: list[str] | None, prog: str, description: str) -> Config:
     """The Config a command line describes: one flag per Config field (but derived ones); defaults are
     Config's (the seed recipe)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    for field in dataclasses.fields(Config):
-        if not field.metadata["derived"]:
-            add_option(parser, field)
-    return Config(**vars(parser.parse_args(argv)))
+    fields = [f for f in dataclasses.fields(Config) if not f.metadata["derived"]]
+    for field in fields:
+        add_option(parser, field)
+    values = vars(parser.parse_args(argv))
+    for field in fields:
+        if (instead := field.metadata["instead"]) is None:
+            continue
+        given, other = values[field.name] is not _NOT_GIVEN, values[instead] is not None
+        if given and other:
+            raise both_starts()
+        if not (given or other):
+            parser.error(f"one of the arguments {flag(field.name)} {flag(instead)} is required")
+        if not given:
+            values[field.name] = field.default
+    return Config(**values)

@@ -21,7 +21,7 @@ from flaxresnet import augment as augment_lib
 from flaxresnet import compile_cache as compile_cache_lib
 from flaxresnet import distributed
 from flaxresnet import freeze
-from flaxresnet.errors import UserError
+from flaxresnet.errors import UserError, option_name
 from flaxresnet.models import BACKBONES, HEADS, STAGE_BLOCKS
 
 SCHEDULES = ("constant", "cosine")
@@ -40,17 +40,17 @@ Check = Callable[[Any], str | None]
 
 
 def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, check: Check | None = None,
-           metavar: str | None = None, resumable: bool = False, required: bool = False,
+           metavar: str | None = None, resumable: bool = False, required: bool = False, instead: str | None = None,
            derived: bool = False, local: bool = False) -> Any:
     """A Config field: `help` (ending in its own '(default: ...)' where the plain default would mislead),
     `choices` or a `check` returning what is wrong with a value (None if nothing), the command line's
     `metavar`; `resumable`: may change when a stopped run is resumed (it does not change the numbers);
-    `required`: the command line must give it; `derived`: set by the run itself (no flag, not compared);
-    `local`: how this process runs (joins other processes, caches), not a setting of the run: never saved,
-    may change on resume."""
+    `required`: the command line must give it, or else the option `instead` names (never both);
+    `derived`: set by the run itself (no flag, not compared); `local`: how this process runs (joins other
+    processes, caches), not a setting of the run: never saved, may change on resume."""
     return dataclasses.field(default=default, metadata={
         "help": help, "choices": choices, "check": check, "metavar": metavar, "resumable": resumable or local,
-        "required": required, "derived": derived, "local": local})
+        "required": required, "instead": instead, "derived": derived, "local": local})
 
 
 def _positive(value: float) -> str | None:
@@ -86,6 +86,12 @@ def _dtype(name: str) -> str | None:
     if name == "float64" and not jax.config.jax_enable_x64:
         return "float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 in the environment"
     return None
+
+
+def both_starts() -> UserError:
+    """The error of a run given both a backbone and a classifier to start from."""
+    return UserError(f"{option_name('backbone_weights')} and {option_name('init_from')} are both given: a run "
+                     f"starts from a backbone or from a whole classifier, not both; drop one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +141,13 @@ class Config:
                           "validation part, augmentation and dropout", metavar="N")
     backbone_weights: str | None = option(
         None, "a backbone converted with `python -m convert keras_to_flax`, or 'none' to train from scratch",
-        metavar="FILE|none", required=True)
+        metavar="FILE|none", required=True, instead="init_from")
+    init_from: str | None = option(
+        None, "start from a classifier file instead of a backbone: train.py's final.msgpack (e.g. the first stage "
+              "of a fine-tune in stages) or a Keras classifier converted with `python -m convert keras_to_flax`; "
+              "its backbone, head and BN statistics, with a fresh optimizer from step 0; its head must fit the "
+              "run (classes, head kind, hidden width)", metavar="FILE")
+    init_from_md5: str | None = option(None, "md5 of the init_from file, recorded by the run", derived=True)
     dataset: str = option("cifar100", DATASET_FORMS, metavar="SPEC")
     data_dir: str | None = option(None, "tfds data folder (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)",
                                   resumable=True)
@@ -195,6 +207,8 @@ class Config:
                 problem = f"{value!r} is not one of {', '.join(map(str, choices))}"
             if problem is not None:
                 raise UserError(f"{field.name} {problem}", option=field.name)
+        if self.init_from is not None and self.backbone_weights is not None:
+            raise both_starts()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field but the local ones (tuples become lists): what the run saves."""

@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flaxresnet import (checkpoints, compile_cache, data, distributed, evaluation, feature_cache, freeze, log, optim,
-                        preemption, rundir, tensorboard, train_lib)
+                        preemption, rundir, tensorboard, train_lib, weights_file)
 from flaxresnet.config import Config
 from flaxresnet.errors import UserError, option_name
 
@@ -72,7 +72,11 @@ def train_and_evaluate(config: Config) -> Row:
     distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.coordinator_timeout)
     distributed.check_batch_size(config.batch_size)
     config, workdir = rundir.open_workdir(config)
-    backbone = train_lib.load_backbone(config.backbone_weights, config.depth, config.family)
+    if config.init_from is not None:
+        backbone = train_lib.load_init(config.init_from)
+        config = dataclasses.replace(config, init_from_md5=weights_file.md5sum(config.init_from))
+    else:
+        backbone = train_lib.load_backbone(config.backbone_weights, config.depth, config.family)
     store = checkpoints.Checkpoints(workdir / "checkpoints")
     try:
         return _run(config, workdir, backbone, store)

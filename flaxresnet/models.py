@@ -270,9 +270,11 @@ def ResNet152V2(**kwargs: Any) -> ResNetV2:
 
 # The backbone of each family a Classifier (and train.py's --family) names.
 BACKBONES: dict[str, type[KerasResNet]] = {"v1": ResNet, "v2": ResNetV2}
-def family_of(backbone: KerasResNet) -> str:
-    """'v1' for a ResNet, 'v2' for a ResNetV2 (its `BACKBONES` key)."""
-    return next(family for family, kind in BACKBONES.items() if isinstance(backbone, kind))
+def family_of(model: nn.Module) -> str:
+    """'v1' for a ResNet, 'v2' for a ResNetV2 (its `BACKBONES` key); a `Classifier`'s is its backbone's."""
+    if isinstance(model, Classifier):
+        return model.family
+    return next(family for family, kind in BACKBONES.items() if isinstance(model, kind))
 
 
 # The suffix of Keras' model names of each family (ResNet50, ResNet50V2).
@@ -338,8 +340,8 @@ class Head(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Raw RGB images in, logits out: the backbone family's preprocessing, optional augmentation, upsampling,
-    backbone, head.
+    """Raw RGB images in, logits out: preprocessing (the backbone family's, unless `preprocess` says otherwise),
+    optional augmentation, upsampling, backbone, head.
 
     Preprocessing and upsampling live in the model so that they run on device inside the jitted step, and a
     saved classifier predicts from raw images of their native size (e.g. 32 px CIFAR). Submodules `backbone`
@@ -352,6 +354,9 @@ class Classifier(nn.Module):
       depth, bn_epsilon, pool1_pad: the backbone's, as in `ResNet` (take them from the converted file); a
         ResNetV2 has Keras' epsilon and padding only, so these two keep their defaults for 'v2'.
       head, hidden, dropout: the head's kind ('seed' or 'linear'), hidden width and dropout rate.
+      preprocess: how the raw images are preprocessed, a `preprocess_input` mode ('caffe', 'tf', 'none'); None
+        (train.py's classifiers): the family's, caffe for 'v1' and tf for 'v2'. A converted Keras classifier
+        records the preprocessing its model was trained on.
       image_size: side the images are upsampled to before the backbone; None keeps the input size.
       upsample: 'nearest' (Keras UpSampling2D, integer factor) or 'bilinear'.
       backbone_bn_train: whether the backbone's BatchNorm uses batch statistics (and updates its moving
@@ -369,6 +374,7 @@ class Classifier(nn.Module):
     head: str = "seed"
     hidden: int = 256
     dropout: float = 0.25
+    preprocess: str | None = None
     image_size: int | None = None
     upsample: str = "nearest"
     backbone_bn_train: bool = True
@@ -388,6 +394,11 @@ class Classifier(nn.Module):
         self.head_net = Head(self.num_classes, kind=self.head, hidden=self.hidden, dropout=self.dropout,
                              axis_name=self.axis_name, dtype=dtype, name="head")
 
+    @property
+    def preprocess_mode(self) -> str:
+        """The `preprocess_input` mode of the raw images: `preprocess`, else the family's."""
+        return self.preprocess or BACKBONES[self.family].preprocess
+
     def metadata(self) -> dict[str, Any]:
         """The weights-file `model` entry ({'kind', 'config'}) that rebuilds this classifier: every attribute but
         the pmap axis (and Flax's parent and name), so a new attribute is saved without a further edit."""
@@ -402,7 +413,7 @@ class Classifier(nn.Module):
         `augment`, if given, maps the preprocessed images at their native size to augmented ones (it runs
         after preprocessing and before upsampling, as the seed's random erasing did).
         """
-        x = preprocess_input(images, param_dtype(self.dtype), mode=BACKBONES[self.family].preprocess)
+        x = preprocess_input(images, param_dtype(self.dtype), mode=self.preprocess_mode)
         if augment is not None:
             x = augment(x)
         if self.image_size is not None:

@@ -7,16 +7,19 @@ import jax.numpy as jnp
 
 # Per-channel means in BGR order, as keras.applications.imagenet_utils uses them in caffe mode.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-# keras.applications.imagenet_utils modes: 'caffe' for ResNet (v1), 'tf' for ResNetV2.
-PREPROCESS_MODES = ("caffe", "tf")
+# keras.applications.imagenet_utils modes: 'caffe' for ResNet (v1), 'tf' for ResNetV2; and 'none' for a model
+# that takes the 0..255 values as they are.
+PREPROCESS_MODES = ("caffe", "tf", "none")
 
 
 def preprocess_input(x: jnp.ndarray, dtype: jnp.dtype = jnp.float32, mode: str = "caffe") -> jnp.ndarray:
     """Keras `imagenet_utils.preprocess_input` of RGB images in 0..255, in `dtype` (float32, as Keras' default
     floatx): 'caffe' (`resnet.preprocess_input`) turns RGB into BGR and subtracts the ImageNet BGR means (rounded
     to `dtype`), no scaling; 'tf' (`resnet_v2.preprocess_input`) computes `x / 127.5 - 1`, rounded step by step
-    as Keras does on numpy arrays."""
+    as Keras does on numpy arrays; 'none' only casts."""
     x = jnp.asarray(x, dtype)
+    if mode == "none":
+        return x
     if mode == "tf":
         return _ieee_divide(x, 127.5) - jnp.asarray(1.0, dtype)
     if mode != "caffe":

@@ -91,14 +91,16 @@ class TrainState:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def build_classifier(config: Config, backbone: KerasResNet | None = None) -> Classifier:
+def build_classifier(config: Config, backbone: KerasResNet | Classifier | None = None) -> Classifier:
     """The classifier a config describes: every Classifier attribute the Config declares too is taken from it;
-    the backbone architecture comes from `backbone` (e.g. the module `load_converted` returned) or, from
-    scratch, is the config's family and depth with Keras defaults."""
+    the backbone architecture comes from `backbone` (the module `load_converted` returned: a ResNet, or a
+    classifier whose backbone it is) or, from scratch, is the config's family and depth with Keras defaults."""
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(Classifier) if hasattr(config, f.name)}
     arch = {} if backbone is None else {"family": family_of(backbone), "depth": backbone.depth}
-    if isinstance(backbone, ResNet):
+    if isinstance(backbone, ResNet | Classifier):
         arch.update(bn_epsilon=backbone.bn_epsilon, pool1_pad=backbone.pool1_pad)
+    if isinstance(backbone, Classifier):  # a converted Keras classifier keeps the preprocessing it was trained on
+        arch.update(preprocess=backbone.preprocess)
     return Classifier(**{**shared, **arch}, backbone_bn_train=freeze.backbone_bn_train(config.freeze),
                       axis_name=AXIS)
 
@@ -112,26 +114,61 @@ def load_backbone(path: str | None, depth: int, family: str = "v1") -> tuple[Ker
         return None
     model, variables = weights_file.load_converted(path)
     if not isinstance(model, KerasResNet):
-        raise UserError(f"{path} is a fine-tuned classifier, not a backbone: pass a file converted with "
+        raise UserError(f"{path} is a fine-tuned classifier, not a backbone: start a run from it with "
+                        f"{option_name('init_from')} instead, or pass a backbone converted with "
                         f"`python -m convert keras_to_flax`", option="backbone_weights")
     log.say(f"backbone: {arch_name(family_of(model), model.depth)} from {path}")
     return model, variables
 
 
-def create_train_state(config: Config, rng: jax.Array, image_shape: tuple[int, int, int] = (32, 32, 3),
-                       backbone: tuple[KerasResNet, Variables] | None = None,
-                       total_steps: int | None = None) -> TrainState:
-    """A fresh, unreplicated TrainState: head (and backbone, if none is given) initialised from `rng`.
+def load_init(path: str) -> tuple[Classifier, Variables]:
+    """`load_converted` of the classifier file `path` that a run starts from (`Config.init_from`), saying so;
+    UserError if it holds a backbone."""
+    model, variables = weights_file.load_converted(path)
+    arch = arch_name(family_of(model), model.depth)
+    if not isinstance(model, Classifier):
+        raise UserError(f"{path} holds a {arch} backbone, not a classifier: start from it with "
+                        f"{option_name('backbone_weights')}", option="init_from")
+    log.say(f"starting from the classifier {path}: {arch} + {model.head} head, {model.num_classes} classes "
+            f"(a fresh optimizer, step 0)")
+    return model, variables
 
-    `backbone` is `load_converted`'s (model, variables) for a ResNet; its tree must match the classifier's
-    backbone exactly (an ImageNet `predictions` layer is dropped). `image_shape` is one input image's
-    (H, W, C) at native size; `total_steps` is needed by the cosine schedule.
+
+def check_init_fits(config: Config, model: Classifier, path: str) -> None:
+    """UserError unless the classifier `model` (from the file `path`) has the head the run trains: its class
+    count (the dataset's), head kind and (seed head) hidden width."""
+    if model.num_classes != config.num_classes:
+        raise UserError(f"{path} classifies {model.num_classes} classes and the dataset has {config.num_classes}: "
+                        f"start from it on a dataset with {model.num_classes} classes, or from its backbone alone "
+                        f"(export it with `python -m convert flax_to_keras` and convert it back)",
+                        option="dataset")
+    if model.head != config.head:
+        raise UserError(f"{path} has a {model.head} head and the run a {config.head} head: set "
+                        f"{option_name('head')} {model.head}", option="head")
+    if model.head == "seed" and model.hidden != config.hidden:
+        raise UserError(f"{path}'s seed head has {model.hidden} hidden units and the run {config.hidden}: set "
+                        f"{option_name('hidden')} {model.hidden}", option="hidden")
+
+
+def create_train_state(config: Config, rng: jax.Array, image_shape: tuple[int, int, int] = (32, 32, 3),
+                       backbone: tuple[KerasResNet | Classifier, Variables] | None = None,
+                       total_steps: int | None = None) -> TrainState:
+    """A fresh, unreplicated TrainState at step 0 with a fresh optimizer state.
+
+    `backbone` is `load_converted`'s (model, variables) for a ResNet, whose tree must match the classifier's
+    backbone exactly (an ImageNet `predictions` layer is dropped) and whose head is initialised from `rng`; or
+    for a whole classifier (`load_init`), whose head must fit the config (`check_init_fits`) and whose
+    variables are taken whole. Without one, everything is initialised from `rng`. `image_shape` is one input
+    image's (H, W, C) at native size; `total_steps` is needed by the cosine schedule.
     """
     distributed.check_batch_size(config.batch_size)
     model = build_classifier(config, None if backbone is None else backbone[0])
     images = jnp.zeros((1, *image_shape), jnp.uint8)
     if backbone is None:
         variables = jax.jit(model.init)(rng, images)
+    elif isinstance(backbone[0], Classifier):
+        check_init_fits(config, backbone[0], config.init_from or "the classifier")
+        variables = _whole_classifier(model, rng, images, backbone[1])
     else:
         variables = _with_backbone(model, rng, images, backbone[1])
     settings = StepSettings(optimizer=optim.Settings.from_config(config, total_steps),
@@ -160,6 +197,16 @@ def _with_backbone(model: Classifier, rng: jax.Array, images: jax.Array, backbon
     for collection, tree in head.items():
         variables[collection]["head"] = tree["head"]
     return variables
+
+
+def _whole_classifier(model: Classifier, rng: jax.Array, images: jax.Array, given: Variables) -> Variables:
+    """A classifier file's variables for `model`, checked strictly against its names and shapes; nothing is
+    initialised (only the shapes are traced)."""
+    expected = jax.eval_shape(model.init, rng, images)
+    for collection in ("params", "batch_stats"):
+        trees.check(expected[collection], given.get(collection, {}), f"the classifier's {collection} do not match "
+                    f"the run's model", "start from a file that train.py or keras_to_flax wrote")
+    return jax.device_put({c: given[c] for c in ("params", "batch_stats")})
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:

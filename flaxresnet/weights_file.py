@@ -8,6 +8,7 @@ Writes are atomic: a temp file in the destination folder, then a rename.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -51,6 +52,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def md5sum(path: str | os.PathLike) -> str:
+    """Hex md5 of a file, read in chunks: what a converted file records of its source, and a run of the file it
+    started from."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _umask() -> int:

@@ -46,6 +46,17 @@ def compilation_cache_settings() -> Iterator[None]:
     compile_cache.apply(before)
 
 
+@pytest.fixture(scope="session")
+def backbone_file(tmp_path_factory) -> Path:
+    """A random ResNet50 backbone saved as a converted weights file."""
+    from flaxresnet import weights_file
+    from engine_helpers import random_backbone
+
+    path = tmp_path_factory.mktemp("backbone") / "backbone.msgpack"
+    weights_file.save(path, random_backbone()[1], {"model": {"kind": "resnet", "config": {"depth": 50}}})
+    return path
+
+
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Callable[[int], Path]]:
     """A factory of tmpfs mounts of N MB under tmp_path (to fill a disk); the test is skipped where it cannot

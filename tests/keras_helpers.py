@@ -198,13 +198,16 @@ def float64_twin(model):
     import keras
 
     def clone(layer):
-        if isinstance(layer, keras.Model):  # a nested model (the backbone of a Sequential)
-            return keras.models.clone_model(layer, clone_function=clone)
+        if isinstance(layer, keras.Model):  # a nested model (the backbone of a Sequential): float64 inputs too
+            return twin_of(layer)
         return layer.__class__.from_config({**layer.get_config(), "dtype": "float64"})
 
-    inputs = [keras.Input(batch_shape=x.shape, dtype="float64") for x in model.inputs]
-    twin = keras.models.clone_model(model, input_tensors=inputs[0] if len(inputs) == 1 else inputs,
-                                    clone_function=clone)
+    def twin_of(model):
+        inputs = [keras.Input(batch_shape=x.shape, dtype="float64") for x in model.inputs]
+        return keras.models.clone_model(model, input_tensors=inputs[0] if len(inputs) == 1 else inputs,
+                                        clone_function=clone)
+
+    twin = twin_of(model)
     twin.set_weights(model.get_weights())
     return twin
 

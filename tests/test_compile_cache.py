@@ -29,7 +29,6 @@ import train
 from flaxresnet import compile_cache, evaluate, predict, train_lib, weights_file
 from flaxresnet.config import Config
 from data_helpers import write_image_folder
-from engine_helpers import random_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPILED, HITS, WRITES = ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_hits",
@@ -56,13 +55,6 @@ for argv in json.loads(sys.argv[1]):
                     "writes": events[{WRITES!r}], "entries": sorted(p.name for p in Path(sys.argv[2]).iterdir())}})
 Path(sys.argv[3]).write_text(json.dumps(results))
 """
-
-
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("backbone") / "backbone.msgpack"
-    weights_file.save(path, random_backbone()[1], {"model": {"kind": "resnet", "config": {"depth": 50}}})
-    return path
 
 
 @contextlib.contextmanager

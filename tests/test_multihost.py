@@ -23,9 +23,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from flaxresnet import load_converted, weights_file
+from flaxresnet import load_converted
 from data_helpers import write_digits_folder
-from engine_helpers import random_backbone
 from process_helpers import running
 
 STEPS, EPOCHS, EVERY = 20, 2, 6
@@ -37,11 +36,9 @@ STOPPED = re.compile(r"preempted at step (\d+) \(epoch (\d), batch (\d+) of 20\)
 
 
 @pytest.fixture(scope="module")
-def argv(tmp_path_factory) -> list[str]:
-    path = tmp_path_factory.mktemp("backbone") / "backbone.msgpack"
-    weights_file.save(path, random_backbone()[1], {"model": {"kind": "resnet", "config": {"depth": 50}}})
+def argv(tmp_path_factory, backbone_file) -> list[str]:
     images = write_digits_folder(tmp_path_factory.mktemp("digits") / "images", 40)
-    return ["--backbone-weights", str(path), "--dataset", f"folder:{images}", "--image-size", "8", "--batch-size", "16",
+    return ["--backbone-weights", str(backbone_file), "--dataset", f"folder:{images}", "--image-size", "8", "--batch-size", "16",
             "--epochs", str(EPOCHS), "--freeze", "backbone", "--augment", "cutout,flip", "--cutout-size", "3",
             "--checkpoint-every", str(EVERY)]
 

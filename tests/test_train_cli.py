@@ -34,7 +34,6 @@ from flaxresnet.config import Config
 from flaxresnet.errors import UserError, spelled_as
 from flaxresnet.models import Classifier
 from data_helpers import mock_tfds, write_image_folder
-from engine_helpers import random_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
@@ -47,15 +46,6 @@ TINY = ("--image-size", "32", "--batch-size", "8", "--freeze", "backbone", "--au
 ROW_KEYS = {"epoch", "train_loss", "train_accuracy", "train_top5", "val_loss", "val_accuracy", "val_top5",
             "seconds", "img_per_s"}
 TIMING_KEYS = {"seconds", "img_per_s"}
-
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory) -> Path:
-    """A random ResNet50 backbone saved as a converted weights file."""
-    path = tmp_path_factory.mktemp("backbone") / "backbone.msgpack"
-    _, variables = random_backbone()
-    weights_file.save(path, variables, {"model": {"kind": "resnet", "config": {"depth": 50}}})
-    return path
-
 
 def run(capsys, *argv) -> tuple[int, str, str]:
     status = train.main([str(a) for a in argv])
@@ -129,14 +119,14 @@ def test_cifar100_extended_run_equals_uninterrupted_and_final_file_predicts(tmp_
     assert result.accuracy == np.mean(np.argmax(logits, -1) == ds.validation.labels)
 
 
-def stop_at(monkeypatch, name: str, count: int) -> None:
-    """Ctrl-C after the `count`-th call of `train_lib.<name>` (the step runs first)."""
+def stop_at(monkeypatch, name: str, count: int, signum: int = signal.SIGINT) -> None:
+    """Ctrl-C (or `signum`) after the `count`-th call of `train_lib.<name>` (the step runs first)."""
     step, calls = getattr(train_lib, name), []
 
     def interrupted_step(*args):
         calls.append(1)
         if len(calls) == count:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return step(*args)
 
     monkeypatch.setattr(train_lib, name, interrupted_step)
