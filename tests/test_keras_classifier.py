@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import zipfile
 from collections.abc import Iterator
 
@@ -238,3 +239,35 @@ def test_preprocessing_option_says_what_the_inputs_were_given(converted, tmp_pat
     assert status == 2 and "the model preprocesses its inputs itself (caffe mode, inside it): drop " \
         "--preprocessing" in err and err.count("\n") == 1, err
     assert not (tmp_path / "o.msgpack").exists()
+
+
+def _config(*middle: dict, input_size=8, resnet=True) -> dict:
+    """A Keras model config: input, `middle` layers before a nested ResNet50, then GAP -> Dense(10)."""
+    layer = lambda kind, name, **config: {"class_name": kind, "config": {"name": name, **config}}  # noqa: E731
+    nested = layer("Functional", "resnet50", layers=[layer("Conv2D", "conv1_conv")])
+    return {"config": {"layers": [layer("InputLayer", "in", batch_shape=[None, input_size, input_size, 3]),
+                                  *middle, nested, layer("GlobalAveragePooling2D", "gap"),
+                                  layer("Dense", "out", units=10, activation="softmax", use_bias=True),
+                                  layer("Softmax", "again")]}}
+
+
+def test_input_side_compositions_and_their_refusals():
+    up = lambda f, how="nearest": {"class_name": "UpSampling2D", "config": {"name": f"up{f}{how}", "size": [f, f],  # noqa: E731
+                                                                              "interpolation": how}}
+    resize = lambda s, how: {"class_name": "Resizing", "config": {"name": f"resize{s}", "height": s, "width": s,  # noqa: E731
+                                                                  "interpolation": how}}
+    config = _config(up(2), up(4))
+    config["config"]["layers"].pop()  # the second softmax
+    spec = keras_classifier.parse(config)
+    assert (spec.native_size, spec.image_size, spec.upsample, spec.head, spec.softmax) == ((8, 8), 64, "nearest",
+                                                                                        "linear", True)
+    config = _config(resize(32, "nearest"))
+    config["config"]["layers"].pop()
+    assert keras_classifier.parse(config).image_size == 32
+    for middle, message in (
+            ((resize(20, "nearest"),), "layer 'resize20' resizes 8x8 to 20x20 by nearest neighbours, not a whole "
+                                       "factor"),
+            ((up(2), up(2, "bilinear")), "the model upsamples in 2 steps, 1 of them bilinear"),
+            ((), "the model applies softmax twice (in layer 'out' and after it)")):
+        with pytest.raises(keras_classifier.UserError, match=re.escape(message)):
+            keras_classifier.parse(_config(*middle))
