@@ -142,6 +142,9 @@ def _input_side(layers: list[_Layer]) -> tuple[tuple[int, int], int | None, str,
             size = (size[0] * fy, size[1] * fx)
         elif layer.kind == "Resizing" and config.get("interpolation") in ("nearest", "bilinear") and \
                 not config.get("crop_to_aspect_ratio") and not config.get("pad_to_aspect_ratio"):
+            if config["height"] < size[0] or config["width"] < size[1]:
+                raise UserError(f"layer {layer.name!r} shrinks {size[0]}x{size[1]} to {config['height']}x"
+                                f"{config['width']}: flaxresnet's classifier upsamples only")
             if config["interpolation"] == "nearest" and (config["height"] % size[0] or config["width"] % size[1]):
                 raise UserError(f"layer {layer.name!r} resizes {size[0]}x{size[1]} to {config['height']}x"
                                 f"{config['width']} by nearest neighbours, not a whole factor: flaxresnet's "

@@ -268,6 +268,7 @@ def test_input_side_compositions_and_their_refusals():
             ((resize(20, "nearest"),), "layer 'resize20' resizes 8x8 to 20x20 by nearest neighbours, not a whole "
                                        "factor"),
             ((up(2), up(2, "bilinear")), "the model upsamples in 2 steps, 1 of them bilinear"),
+            ((resize(4, "bilinear"),), "layer 'resize4' shrinks 8x8 to 4x4: flaxresnet's classifier upsamples only"),
             ((), "the model applies softmax twice (in layer 'out' and after it)")):
         with pytest.raises(keras_classifier.UserError, match=re.escape(message)):
             keras_classifier.parse(_config(*middle))
