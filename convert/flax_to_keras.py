@@ -10,12 +10,11 @@
 - A fine-tuned classifier (kind 'classifier') becomes a `.keras` model that `keras.models.load_model` opens
   without custom objects, computing what the Flax classifier computes: raw RGB images (0..255, the training
   images' native size) in, logits out (no softmax). Layers: the classifier's preprocessing (its backbone
-  family's unless it records another), as
-  `caffe_preprocess` (ResNet: a fixed 1x1 Conv2D, RGB -> BGR and minus the ImageNet means, exactly Keras' caffe
-  `preprocess_input`) or `tf_preprocess` (ResNetV2: Rescaling(1/127.5, offset=-1), Keras' 'tf' mode up to its
-  float rounding; absent for 'none'), `upsample` (UpSampling2D by the integer factor for 'nearest', Resizing for 'bilinear'; absent
-  without upsampling), `resnet{depth}` or `resnet{depth}v2` (the keras.applications backbone, no top),
-  `avg_pool`, then the head under the Flax head's names (`dense`,
+  family's unless it records another) as `caffe_preprocess` (a fixed 1x1 Conv2D, RGB -> BGR and minus the
+  ImageNet means, exactly Keras' caffe `preprocess_input`) or `tf_preprocess` (Rescaling(1/127.5, offset=-1),
+  Keras' 'tf' mode up to its float rounding), absent for 'none'; `upsample` (UpSampling2D by the integer factor
+  for 'nearest', Resizing for 'bilinear'; absent without upsampling); `resnet{depth}` or `resnet{depth}v2` (the
+  keras.applications backbone, no top); `avg_pool`; then the head under the Flax head's names (`dense`,
   `dropout`, `batch_normalization`, `dense_1`). Needs Keras 3 (`pip install 'flaxresnet[keras]'`); runs it
   on the JAX backend unless KERAS_BACKEND says otherwise.
 
@@ -41,7 +40,7 @@ from flaxresnet import weights_file
 from flaxresnet.errors import UserError
 from flaxresnet.models import (BN_MOMENTUM, HEAD_BN_EPSILON, KERAS_BN_EPSILON, Classifier, KerasResNet, arch_name,
                                family_of)
-from flaxresnet.preprocess import CAFFE_MEAN_BGR
+from flaxresnet.preprocess import caffe_conv_weights
 
 # What the weights file header says: a Keras 2 legacy file of the TensorFlow (channels-last) layout, so that no
 # loader applies its Keras 1 or Theano conversions.
@@ -174,10 +173,8 @@ def _keras_classifier(model: Classifier, variables: dict[str, Any], size: tuple[
         x = layers.Dense(model.num_classes, name="dense")(x)
     keras_model = keras.Model(inputs, x, name=f"{arch.lower()}_classifier")
 
-    if mode == "caffe":  # RGB -> BGR as a permutation (output channel j reads input 2 - j), minus the means
-        kernel = np.zeros((1, 1, 3, 3), np.float32)
-        kernel[0, 0, [2, 1, 0], [0, 1, 2]] = 1.0
-        preprocess.set_weights([kernel, -np.asarray(CAFFE_MEAN_BGR)])  # rounded to the layer's dtype, as ours are
+    if mode == "caffe":
+        preprocess.set_weights(list(caffe_conv_weights()))
     backbone_variables = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
     for name, arrays in naming.keras_weights(backbone_variables):
         backbone.get_layer(name).set_weights([a for _, a in arrays])

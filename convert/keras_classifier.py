@@ -23,7 +23,7 @@ import numpy as np
 
 from flaxresnet.errors import UserError
 from flaxresnet.models import HEAD_BN_EPSILON
-from flaxresnet.preprocess import CAFFE_MEAN_BGR
+from flaxresnet.preprocess import caffe_conv_weights
 
 MODEL_CLASSES = ("Functional", "Model", "Sequential")
 # Names of keras.applications ResNet / ResNetV2 layers (no top); V2's shortcut max-pools are unnamed.
@@ -244,9 +244,8 @@ def _batch_norm(layer: _Layer) -> None:
 def check_caffe_layer(name: str, arrays: list[np.ndarray]) -> None:
     """UserError unless the Conv2D `name` holds exactly flaxresnet's caffe preprocessing (RGB -> BGR, minus the
     ImageNet means), as `flax_to_keras` writes it."""
-    kernel = np.zeros((1, 1, 3, 3), np.float32)
-    kernel[0, 0, [2, 1, 0], [0, 1, 2]] = 1.0
+    kernel, bias = caffe_conv_weights()
     if len(arrays) != 2 or not np.array_equal(arrays[0], kernel) or \
-            not np.array_equal(arrays[1], -np.asarray(CAFFE_MEAN_BGR, np.float32)):
+            not np.array_equal(arrays[1], bias.astype(np.float32)):
         raise UserError(f"layer {name!r} holds other weights than flaxresnet's caffe preprocessing: it is not the "
                         f"layer flax_to_keras writes, and flaxresnet computes no other 1x1 convolution there")

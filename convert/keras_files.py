@@ -33,10 +33,13 @@ _KERAS3_CLASS_GROUPS = {"conv2d": "Conv2D", "batch_normalization": "BatchNormali
 
 @dataclass
 class KerasWeights:
-    """The weights of one Keras file: layer name -> arrays (Keras order), and the layout they came from."""
+    """The weights of one Keras file: layer name -> arrays (Keras order), the layout they came from, and the
+    architecture (Keras' model config: class_name and config) where the file holds a whole model (a `.keras`
+    archive, a legacy full-model `.h5`), else None."""
 
     layers: dict[str, list[np.ndarray]]
     layout: str
+    model_config: dict | None = None
 
 
 def _attr_strings(group: h5py.Group, name: str) -> list[str]:
@@ -149,18 +152,6 @@ def _read_h5(f: h5py.File, names_in_order: list[tuple[str, str]] | None,
                     "pass a Keras weights file (.h5, .weights.h5 or .keras)")
 
 
-def read_model_config(path: str | Path) -> dict | None:
-    """The architecture (Keras' model config: class_name and config) of a whole-model file, a `.keras` archive or
-    a legacy full-model `.h5`; None for a weights-only file. Call after `read_keras_weights` has read the file."""
-    path = Path(path)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            return json.loads(z.read("config.json"))
-    with h5py.File(path, "r") as f:
-        config = f.attrs.get("model_config")
-    return None if config is None else json.loads(_attr_str(config))
-
-
 def read_keras_weights(path: str | Path,
                        canonical: Callable[[Counter], list[tuple[str, str]]]) -> KerasWeights:
     """Read any supported Keras file into layer -> arrays.
@@ -179,13 +170,16 @@ def read_keras_weights(path: str | Path,
                 if "model.weights.h5" not in names or "config.json" not in names:
                     raise UserError(f"{path} is a zip but not a .keras archive (no model.weights.h5 and "
                                     f"config.json inside): pass a Keras weights file")
-                order = _config_layer_order(json.loads(z.read("config.json")))
+                config = json.loads(z.read("config.json"))
                 with h5py.File(io.BytesIO(z.read("model.weights.h5")), "r") as f:
-                    weights = _read_h5(f, order, canonical)
-            weights.layout = "Keras 3 .keras archive"
+                    weights = _read_h5(f, _config_layer_order(config), canonical)
+            weights.layout, weights.model_config = "Keras 3 .keras archive", config
             return weights
         with h5py.File(path, "r") as f:
-            return _read_h5(f, None, canonical)
+            weights = _read_h5(f, None, canonical)
+            if "model_config" in f.attrs:
+                weights.model_config = json.loads(_attr_str(f.attrs["model_config"]))
+            return weights
     except UserError:
         raise
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, json.JSONDecodeError) as e:

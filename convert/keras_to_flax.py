@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert import download, keras_classifier, naming
-from convert.keras_files import read_keras_weights, read_model_config
+from convert.keras_files import read_keras_weights
 from flaxresnet import models, weights_file
 from flaxresnet.errors import UserError, option_name
 
@@ -65,8 +65,7 @@ def keras_to_flax(weights: str, out: str, depth: int = 50, include_top: bool = F
     start = time.perf_counter()
     source = download.imagenet_weights(depth, include_top, family) if weights == "imagenet" else Path(weights)
     keras = read_keras_weights(source, naming.keras_layer_order)
-    model_config = None if weights == "imagenet" else read_model_config(source)
-    spec = None if model_config is None else keras_classifier.parse(model_config)
+    spec = None if keras.model_config is None else keras_classifier.parse(keras.model_config)
     if spec is None and preprocessing is not None:
         raise UserError(f"{source.name} holds a ResNet, not a whole classifier: its file records its family's "
                         f"preprocessing, so drop {option_name('preprocessing')}")

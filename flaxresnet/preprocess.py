@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Per-channel means in BGR order, as keras.applications.imagenet_utils uses them in caffe mode.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 # keras.applications.imagenet_utils modes: 'caffe' for ResNet (v1), 'tf' for ResNetV2; and 'none' for a model
 # that takes the 0..255 values as they are.
 PREPROCESS_MODES = ("caffe", "tf", "none")
+
+
+def caffe_conv_weights() -> tuple[np.ndarray, np.ndarray]:
+    """Caffe preprocessing as the (kernel, bias) of a 1x1 Conv2D: RGB -> BGR as a permutation (output channel j
+    reads input channel 2 - j), then minus the BGR means (float64, rounded to the dtype of the layer that takes
+    them, as `preprocess_input` rounds them): the `caffe_preprocess` layer `flax_to_keras` writes."""
+    kernel = np.zeros((1, 1, 3, 3), np.float32)
+    kernel[0, 0, [2, 1, 0], [0, 1, 2]] = 1.0
+    return kernel, -np.asarray(CAFFE_MEAN_BGR)
 
 
 def preprocess_input(x: jnp.ndarray, dtype: jnp.dtype = jnp.float32, mode: str = "caffe") -> jnp.ndarray:
